@@ -58,6 +58,12 @@ class Distributed:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    def close(self) -> None:
+        # Without an orderly teardown a rank can exit while gloo threads still run: SIGABRT at exit.
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -180,4 +186,5 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
     save(stop)
     if metrics:
         metrics.close()
+    ddp.close()
     return ckpt_path
