@@ -37,10 +37,13 @@ def _curves(model, params, lrs, inner, batch, steps: int, classification: bool):
 
 
 def summarise(values: torch.Tensor) -> dict:
+    """Mean and 95 % CI over tasks. A diverged task (non-finite loss) stays in the mean, honestly making
+    it inf, and is counted so the table can say how many there were."""
     n = values.shape[0]
     mean = float(values.mean())
     ci = 1.96 * float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": mean, "ci95": ci, "n": n}
+    return {"mean": mean, "ci95": ci, "n": n, "median": float(values.median()),
+            "diverged": int((~torch.isfinite(values)).sum())}
 
 
 def methods_for(trained: Trained, source, baselines: BaselineConfig, which: list[str]) -> dict:
@@ -105,6 +108,7 @@ def markdown_table(results: dict) -> str:
         "| method | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |",
         "|---|---|" + "---|" * len(steps),
     ]
+    notes = []
     for shots, per_method in results["by_shots"].items():
         for name, entry in per_method.items():
             cells = [f"{entry[metric][str(s)]['mean'] * scale:.3f} ± {entry[metric][str(s)]['ci95'] * scale:.3f}"
@@ -112,6 +116,13 @@ def markdown_table(results: dict) -> str:
                      f"{entry[metric][str(s)]['mean'] * scale:.1f} ± {entry[metric][str(s)]['ci95'] * scale:.1f}"
                      for s in steps]
             lines.append(f"| {name} | {shots} | " + " | ".join(cells) + " |")
+            for s in steps:
+                d = entry[metric][str(s)].get("diverged", 0)
+                if d:
+                    notes.append(f"{name}, K={shots}, {s} steps: {d} task(s) diverged (median "
+                                 f"{entry[metric][str(s)]['median'] * scale:.3f})")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 

@@ -114,7 +114,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
     task_gen = torch.Generator().manual_seed(cfg.seed)
     params = {n: p.to(device).requires_grad_() for n, p in init_params(model, torch.Generator().manual_seed(cfg.seed)).items()}
     lrs = {n: r.to(device).requires_grad_(alg.inner.learn_lr) for n, r in init_inner_lrs(params, alg.inner).items()}
-    optimizer = torch.optim.Adam(_leaves(params, lrs), lr=cfg.train.meta_lr)
+    optimizer = torch.optim.Adam(_leaves(params, lrs), lr=cfg.train.meta_lr, fused=device.type in ("cpu", "cuda"))
     start = 0
 
     ckpt_path = out_dir / checkpoint.FILENAME
