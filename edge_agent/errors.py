@@ -32,3 +32,9 @@ class BrokerError(EdgeError):
     """The broker could not be reached at start-up within the configured time."""
 
     exit_code = 5
+
+
+class StateError(EdgeError):
+    """The state directory cannot be used (unwritable, or locked by another running agent)."""
+
+    exit_code = 6

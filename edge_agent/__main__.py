@@ -1,0 +1,7 @@
+"""`python -m edge_agent ...` == `edge-agent ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,397 @@
+"""The worker: queue -> parse -> predict / join labels / adapt -> durable commit -> publish -> ack.
+
+Threads: paho's network thread only puts messages on a bounded queue (transport.py). The main
+thread runs `Agent.run`, which takes batches off the queue and processes them in arrival order.
+A batch's effects are journaled with one fsync (state.py) before any prediction of that batch is
+published and before any of its incoming messages is acknowledged; so after a crash either the
+broker redelivers (dedupe by sample id makes that harmless) or the outbox re-sends.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from . import __version__
+from .config import Config
+from .errors import BrokerError, PayloadError
+from .model import Model
+from .observer import Observer, Observers
+from .protocol import Sample, Schema, decode, label_value, parse_context, parse_label, parse_sample, peek_id
+from .state import AgentState, Store
+from .transport import MqttTransport
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5  # longest the worker sleeps: bounds shutdown latency and watchdog ping interval
+
+
+_jstr = json.encoder.encode_basestring_ascii  # C: a str as a JSON string literal
+
+
+def _jval(v) -> str:
+    """A JSON scalar; non-finite floats become null (strict JSON has no NaN)."""
+    t = type(v)
+    if t is float:
+        return repr(v) if math.isfinite(v) else "null"
+    if t is str:
+        return _jstr(v)
+    if v is None:
+        return "null"
+    if t is int:
+        return str(v)
+    return json.dumps(v)
+
+
+class _Item(NamedTuple):
+    kind: str  # "samples" | "labels" | "context" | "?"
+    payload: bytes | None  # None when oversized (not kept in memory)
+    size: int
+    mid: int
+    qos: int
+    gen: int
+    t_recv: float
+
+
+@dataclass
+class _Pending:
+    sample: Sample
+    ctx: str
+    t_recv: float
+    y: float | int | None  # inline label, already validated
+
+
+class Agent:
+    def __init__(self, cfg: Config, model: Model, observer: Observer | None = None, transport_cls=MqttTransport):
+        self.cfg = cfg
+        self.model = model
+        self.obs = observer if observer is not None else Observers()
+        self.schema = Schema(model.feature_names, model.input_shape, model.task_kind, model.class_names)
+        self.k = min(cfg.adaptation.support_size or model.recommended_k, model.max_support)
+        lim = cfg.limits
+        self.state = AgentState(self.k, lim.recent_ids, lim.pending_samples)
+        self.store = Store(cfg.state_dir)
+        # A deque + Event rather than queue.Queue: half the cost per message, and the bound is ours.
+        # Twice the Receive Maximum: room for one reconnect's redeliveries on top of a full queue.
+        self.queue: collections.deque[_Item] = collections.deque()
+        self._queue_max = 2 * lim.queue_size
+        self._wake = threading.Event()
+        self._topics = {cfg.topic(t): t for t in ("samples", "labels", "context")}
+        self._stop = threading.Event()
+        self._dropped = 0  # QoS 0 messages dropped on a full queue since the last batch
+        self._overflow = 0  # QoS 1 messages queued beyond the bound since the last batch
+        self._mids: dict[int, str] = {}  # prediction packet id -> sample id, until PUBACK
+        self._dirty: set[str] = set()  # contexts with labels not yet adapted on
+        self._err_budget = (0.0, 0)
+        self.transport = transport_cls(cfg, self._on_message, self._online_payload, self._offline_payload, self.obs)
+
+    # -- network thread ------------------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes, mid: int, qos: int, gen: int) -> None:
+        if len(self.queue) >= self._queue_max:
+            if qos == 0:
+                self._dropped += 1  # reported on the errors topic by the worker
+                return
+            # Never drop QoS 1: unacknowledged, it would sit in the broker's in-flight window until
+            # the next reconnect. The broker's flow control (our Receive Maximum) should keep us
+            # below the bound, but mosquitto 2.0.11 was seen to overshoot it in bursts; the excess
+            # is bounded by what the broker holds for us.
+            self._overflow += 1
+        size = len(payload)
+        self.queue.append(_Item(self._topics.get(topic, "?"),
+                                payload if size <= self.cfg.limits.max_payload_bytes else None,
+                                size, mid, qos, gen, time.monotonic()))
+        self._wake.set()
+
+    def _online_payload(self) -> bytes:
+        return json.dumps({"status": "online", "model_version": self.model.version, "context": self.state.current,
+                           "agent": f"edge-agent {__version__}", "ts": time.time()}).encode()
+
+    def _offline_payload(self) -> bytes:
+        return json.dumps({"status": "offline", "model_version": self.model.version}).encode()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> int:
+        t0 = time.monotonic()
+        self._restore()
+        self.transport.start()
+        deadline = t0 + self.cfg.broker.connect_timeout
+        while not self.transport.connected.wait(0.1):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                self.transport.stop()
+                self.store.close()
+                if self._stop.is_set():
+                    log.info("stopped before the broker was reached")
+                    return 0
+                raise BrokerError(f"no connection to {self.cfg.broker.host}:{self.cfg.broker.port} "
+                                  f"within {self.cfg.broker.connect_timeout:g}s")
+        self._resend_outbox()
+        log.info("online in %.2fs: model %s, context %r, %d context(s), %d pending, %d in outbox",
+                 time.monotonic() - t0, self.model.version, self.state.current, len(self.state.contexts),
+                 len(self.state.pending), len(self.state.outbox))
+        self.obs.on_start(self.model.version)
+        # The import-time heap (numpy, onnxruntime, paho: ~10^5 objects) never becomes garbage;
+        # frozen, it is no longer rescanned by full collections, which otherwise stall the worker
+        # for tens of milliseconds (a p99 latency spike) every few tens of thousands of messages.
+        gc.freeze()
+        try:
+            while not self._stop.is_set():
+                batch = self._take(TICK_S)
+                if batch or self.transport.published or self._dropped or self._overflow:
+                    self._process(batch)
+                self.obs.on_tick()
+        except BaseException:
+            # Nothing of the failed batch was acknowledged: the broker redelivers it to the next run.
+            log.critical("worker failed; going offline without processing anything further", exc_info=True)
+            self.transport.stop()
+            self.store.close()
+            raise
+        self._shutdown()
+        return 0
+
+    def _restore(self) -> None:
+        n = self.store.load(self.state)
+        if self.state.model_version not in (None, self.model.version):
+            # Adapted states belong to the old graph's parameter layout; the support sets do not.
+            log.warning("model changed %s -> %s: re-adapting from the stored support sets",
+                        self.state.model_version, self.model.version)
+            for name, c in self.state.contexts.items():
+                c.state, c.adapted_on = None, 0
+                if c.support:
+                    c.since_adapt = max(c.since_adapt, self.cfg.adaptation.adapt_every)
+                    self._dirty.add(name)
+        # A crash can leave labels that were below the cadence; keep counting from there.
+        self._dirty.update(name for name, c in self.state.contexts.items() if c.since_adapt > 0)
+        self._adapt_dirty([])  # applied to the state now, persisted by the compaction below
+        self.state.model_version = self.model.version
+        self.store.compact(self.state)  # start every run from a snapshot and a fresh journal
+        if n:
+            log.info("restored state: %d journal records replayed", n)
+
+    def _resend_outbox(self) -> None:
+        # Predictions that were committed but never confirmed by the broker before we went down.
+        for sid, payload in list(self.state.outbox.items()):
+            self._mids[self.transport.publish(self.cfg.topic("predictions"), payload, qos=1)] = sid
+        if self.state.outbox:
+            log.info("re-sent %d unconfirmed prediction(s) from the outbox", len(self.state.outbox))
+
+    def _shutdown(self) -> None:
+        log.info("stopping: finishing queued work")
+        self.obs.on_stopping()
+        # Finish what was already received; anything arriving from now on stays unacknowledged and
+        # is redelivered by the broker on our next connection. Bounded, so that a busy line cannot
+        # keep us from stopping.
+        left = len(self.queue)
+        while left > 0:
+            batch = self._take(0, left)
+            if not batch:
+                break
+            left -= len(batch)
+            self._process(batch)
+        deadline = time.monotonic() + 3.0
+        while self._mids and self.transport.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self._process([])
+        self._process([])
+        self.store.compact(self.state)
+        self.transport.stop()
+        self.store.close()
+        log.info("stopped cleanly (%d prediction(s) left in the outbox)", len(self.state.outbox))
+
+    # -- worker ----------------------------------------------------------------------------------
+    def _take(self, timeout: float, limit: int | None = None) -> list[_Item]:
+        q = self.queue
+        if not q and timeout:
+            self._wake.clear()
+            if not q:  # re-checked after clear(): an append in between has set the event again
+                self._wake.wait(timeout)
+        n = min(len(q), self.cfg.limits.batch_size, limit or self.cfg.limits.batch_size)
+        return [q.popleft() for _ in range(n)]
+
+    def _process(self, batch: list[_Item]) -> None:
+        records: list[dict] = []
+        out: list[tuple[str, str, float, bool, int]] = []  # (sid, payload, t_recv, adapted, n_support)
+        errors: list[tuple[str, PayloadError]] = []
+        group: list[_Pending] = []
+        group_ids: set[str] = set()
+
+        def flush():
+            if group:
+                self._predict(group, records, out)
+                group.clear()
+                group_ids.clear()
+
+        for it in batch:
+            try:
+                if it.payload is None:
+                    raise PayloadError("oversized", f"payload of {it.size} bytes exceeds limits.max_payload_bytes "
+                                                    f"({self.cfg.limits.max_payload_bytes})")
+                if it.kind == "samples":
+                    s = parse_sample(decode(it.payload), self.schema)
+                    if s.id in self.state.recent or s.id in group_ids:
+                        self.obs.on_duplicate()
+                        continue
+                    y = None
+                    if s.has_label:
+                        try:
+                            y = label_value(s.label, self.schema, s.id)
+                        except PayloadError as e:  # still predict the sample; only its label is bad
+                            errors.append((it.kind, e))
+                    ctx = s.context or self.state.current
+                    if group and group[0].ctx != ctx:
+                        flush()
+                    group.append(_Pending(s, ctx, it.t_recv, y))
+                    group_ids.add(s.id)
+                    self.obs.on_sample(ctx)
+                    if y is not None:
+                        flush()  # its label must not reach its own prediction, nor earlier ones
+                        self._join(s.id, ctx, s.x, y, records)
+                elif it.kind == "labels":
+                    flush()
+                    lab = parse_label(decode(it.payload), self.schema)
+                    p = self.state.pending.get(lab.id)
+                    if p is None:
+                        if self.state.recent.get(lab.id):
+                            continue  # redelivered label, already joined
+                        raise PayloadError("unknown_sample_id", f"no recent unlabelled sample with id {lab.id!r}",
+                                           lab.id)
+                    self._join(lab.id, p[0], p[1], lab.y, records)
+                elif it.kind == "context":
+                    flush()
+                    name = parse_context(decode(it.payload))
+                    if name != self.state.current:
+                        self._record({"t": "c", "c": name}, records)
+                        log.info("context -> %r", name)
+                        self.obs.on_context(name)
+            except PayloadError as e:
+                if e.sample_id is None and it.payload is not None:
+                    e.sample_id = peek_id(it.payload)
+                errors.append((it.kind, e))
+        flush()
+        self._adapt_dirty(records)
+        while self.transport.published:
+            mid, ok = self.transport.published.popleft()
+            sid = self._mids.pop(mid, None)
+            if sid is not None:
+                if not ok:
+                    log.error("broker rejected prediction for %s; dropped from the outbox", sid)
+                self._record({"t": "k", "id": sid}, records)
+        if self._dropped:
+            n, self._dropped = self._dropped, 0
+            errors.append(("?", PayloadError("queue_full", f"{n} QoS 0 message(s) dropped: queue full")))
+        if self._overflow:
+            n, self._overflow = self._overflow, 0
+            log.warning("broker sent %d QoS 1 message(s) beyond our Receive Maximum; queued anyway", n)
+
+        self.store.append(records)  # durable from here on
+        pred_topic = self.cfg.topic("predictions")
+        now = time.monotonic()
+        for sid, payload, t_recv, adapted, n_support in out:
+            self._mids[self.transport.publish(pred_topic, payload, qos=1)] = sid
+            self.obs.on_prediction(now - t_recv, adapted, n_support)
+        for topic_kind, e in errors:
+            self._report(topic_kind, e)
+        for it in batch:
+            self.transport.ack(it.mid, it.qos, it.gen)
+        if self.store.needs_compaction:
+            self.store.compact(self.state)
+        self.obs.on_queue(len(self.queue), len(self.state.outbox))
+
+    def _record(self, r: dict, records: list[dict]) -> None:
+        self.state.apply(r)
+        records.append(r)
+
+    def _join(self, sid: str, ctx: str, x: np.ndarray, y, records: list[dict]) -> None:
+        self._record({"t": "l", "id": sid, "c": ctx, "x": x, "y": y}, records)
+        self._dirty.add(ctx)
+        self.obs.on_label(ctx)
+
+    def _adapt_dirty(self, records: list[dict]) -> None:
+        for ctx in sorted(self._dirty):
+            self._maybe_adapt(ctx, records)
+
+    def _maybe_adapt(self, ctx: str, records: list[dict]) -> None:
+        if ctx not in self._dirty:
+            return
+        c = self.state.context(ctx)
+        pol = self.cfg.adaptation
+        if c.n_labels < pol.min_labels or c.since_adapt < pol.adapt_every or not c.support:
+            return
+        self._dirty.discard(ctx)
+        xs = np.stack([x for _, x, _ in c.support])
+        ys = np.asarray([y for _, _, y in c.support])
+        t0 = time.perf_counter()
+        try:
+            new = self.model.adapt(xs, ys)
+        except Exception as e:  # noqa: BLE001 - keep serving with the previous state
+            log.error("adaptation failed in context %r (%s); keeping the previous state", ctx, e)
+            self._report("labels", PayloadError("adapt_failed", f"adaptation failed: {e}"))
+            return
+        dt = time.perf_counter() - t0
+        self._record({"t": "a", "c": ctx, "s": new, "n": len(c.support)}, records)
+        log.debug("adapted context %r on %d labelled samples in %.1f ms", ctx, len(c.support), dt * 1e3)
+        self.obs.on_adapt(dt, len(c.support), ctx)
+
+    def _predict(self, group: list[_Pending], records: list[dict], out: list) -> None:
+        ctx = group[0].ctx
+        self._maybe_adapt(ctx, records)
+        c = self.state.context(ctx)
+        adapted = c.state is not None
+        n_support = c.adapted_on if adapted else 0
+        try:
+            y = self.model.predict(c.state if adapted else self.model.init_state, np.stack([p.sample.x for p in group]))
+        except Exception as e:  # noqa: BLE001 - a model failure is reported per sample, not fatal
+            log.exception("prediction failed")
+            for p in group:
+                self._report("samples", PayloadError("model_error", f"prediction failed: {e}", p.sample.id))
+            return
+        t_done = time.monotonic()
+        # Assembled by hand: json.dumps per prediction was the largest single cost at high rates.
+        tail = (f',"model_version":{_jstr(self.model.version)},"context":{_jstr(ctx)},'
+                f'"adapted":{"true" if adapted else "false"},"n_support":{n_support},"latency_ms":')
+        for p, yi in zip(group, y):
+            s = p.sample
+            payload = (f'{{"id":{_jstr(s.id)},"ts":{_jval(s.ts)},{self._format_prediction(yi)}'
+                       f'{tail}{round((t_done - p.t_recv) * 1e3, 3)}}}')
+            r = {"t": "s", "id": s.id, "c": ctx, "o": payload}
+            if p.y is None:
+                r["x"] = s.x  # kept for a label that may arrive later
+            self._record(r, records)
+            out.append((s.id, payload, p.t_recv, adapted, n_support))
+
+    def _format_prediction(self, y: np.ndarray) -> str:
+        """The prediction fields as a JSON fragment (no braces)."""
+        if self.model.task_kind == "regression":
+            return f'"prediction":{_jval(float(y))}'
+        i = int(np.argmax(y))
+        names = self.model.class_names
+        probs = {n: float(v) if math.isfinite(v) else None for n, v in zip(names, y)}
+        return f'"prediction":{_jstr(names[i])},"class_index":{i},"probabilities":{json.dumps(probs)}'
+
+    def _report(self, topic_kind: str, e: PayloadError) -> None:
+        self.obs.on_error(e.reason)
+        body = {"reason": e.reason, "message": str(e), "topic": topic_kind, "id": e.sample_id, "ts": time.time()}
+        self.transport.publish(self.cfg.topic("errors"), json.dumps(body), qos=1)
+        # Rate-limited: a misconfigured producer must not flood the journal with one line per message.
+        now = time.monotonic()
+        t, n = self._err_budget
+        if now - t > 1.0:
+            t, n = now, 0
+        if n < 10:
+            log.warning("rejected %s message%s: %s: %s", topic_kind, f" {e.sample_id}" if e.sample_id else "",
+                        e.reason, e)
+        elif n == 10:
+            log.warning("more rejected messages this second; not logging each")
+        self._err_budget = (t, n + 1)

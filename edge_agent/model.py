@@ -1,0 +1,99 @@
+"""The bundle at run time: two onnxruntime sessions and the meta-initialisation (docs/bundle.md)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+
+log = logging.getLogger(__name__)
+
+
+def load_manifest(bundle_dir: str, public_key: str | None, allow_unsigned: bool) -> dict:
+    """Verify (signature, hashes, no extra files) and return the manifest; nothing unverified is loaded."""
+    from .verify import verify_bundle
+
+    return verify_bundle(bundle_dir, public_key_path=public_key, allow_unsigned=allow_unsigned)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # One thread each: the device shares its cores with the line's own software, and our batches are
+    # small enough that a thread pool costs more in wake-ups than it gains.
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types; all mean "bundle unusable"
+        raise BundleError(f"{path.name}: onnxruntime cannot load it: {e}") from e
+
+
+class Model:
+    def __init__(self, bundle_dir: str, manifest: dict):
+        self.manifest = manifest
+        self.version: str = str(manifest["model_version"])
+        self.task_kind: str = manifest["task_kind"]
+        if self.task_kind not in ("regression", "classification"):
+            raise BundleError(f"manifest task_kind {self.task_kind!r} is neither regression nor classification")
+        self.feature_names: list[str] = list(manifest["feature_names"])
+        self.input_shape: tuple[int, ...] = tuple(int(d) for d in manifest["input_shape"])
+        self.n_inputs = int(np.prod(self.input_shape))
+        self.class_names: list[str] | None = manifest.get("class_names")
+        if self.task_kind == "classification" and not self.class_names:
+            raise BundleError("classification bundle without class_names")
+        self.max_support = int(manifest["max_support"])
+        self.recommended_k = int(manifest.get("recommended_k") or min(10, self.max_support))
+        self.state_size = int(manifest["state_size"])
+
+        d = Path(bundle_dir)
+        try:
+            init = np.load(d / "init_state.npy", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"init_state.npy: cannot load: {e}") from e
+        if init.dtype != np.float32 or init.shape != (self.state_size,):
+            raise BundleError(
+                f"init_state.npy is {init.dtype}{list(init.shape)}, manifest says float32[{self.state_size}]"
+            )
+        self.init_state = init
+        self._adapt = _session(d / "adapt.onnx")
+        self._predict = _session(d / "predict.onnx")
+        self._check_signatures()
+        self._y_dtype = np.int64 if self.task_kind == "classification" else np.float32
+
+    def _check_signatures(self) -> None:
+        def names(sess, kind):
+            return sorted(a.name for a in getattr(sess, f"get_{kind}")())
+
+        if names(self._adapt, "inputs") != ["support_w", "support_x", "support_y"]:
+            raise BundleError(f"adapt.onnx inputs are {names(self._adapt, 'inputs')}, expected support_x/y/w")
+        if names(self._predict, "inputs") != ["state", "x"]:
+            raise BundleError(f"predict.onnx inputs are {names(self._predict, 'inputs')}, expected state, x")
+        self._adapt_out = self._adapt.get_outputs()[0].name
+        self._predict_out = self._predict.get_outputs()[0].name
+
+    def adapt(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Support set (most recent last) -> adapted state. Keeps the newest max_support samples."""
+        xs, ys = xs[-self.max_support:], ys[-self.max_support:]
+        feeds = {
+            "support_x": np.ascontiguousarray(xs, dtype=np.float32).reshape((len(xs),) + self.input_shape),
+            "support_y": np.ascontiguousarray(ys, dtype=self._y_dtype),
+            "support_w": np.ones(len(xs), dtype=np.float32),
+        }
+        state = self._adapt.run([self._adapt_out], feeds)[0]
+        state = np.asarray(state, dtype=np.float32).reshape(-1)
+        if state.shape != (self.state_size,) or not np.all(np.isfinite(state)):
+            # A diverged inner loop must not replace a usable state; the caller keeps the old one.
+            raise FloatingPointError("adaptation produced a non-finite or mis-shaped state")
+        return state
+
+    def predict(self, state: np.ndarray, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape((-1,) + self.input_shape)
+        return self._predict.run([self._predict_out], {"state": state, "x": x})[0]

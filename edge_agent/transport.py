@@ -1,0 +1,184 @@
+"""paho-mqtt 2 behind a small seam: connect/reconnect, persistent session, manual acks, the will.
+
+Why each setting:
+- clean_start=False + SessionExpiryInterval (MQTT 5), or clean_session=False (3.1.1): the broker keeps
+  our subscriptions and queues QoS 1 samples while the agent is down, and redelivers them on return.
+- manual_ack=True: an incoming message is acknowledged only after the worker has durably recorded its
+  effect, so a crash in between means redelivery instead of loss.
+- Receive Maximum = queue size: the broker never has more unacknowledged QoS 1 messages in flight to us
+  than the worker's queue holds, so on_message never has to block or drop a QoS 1 message.
+- paho keeps its own session (unacknowledged publishes) in memory across reconnects and retransmits
+  them itself; the agent's on-disk outbox covers process restarts.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import ssl
+import threading
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from .config import Config
+from .errors import ConfigError
+from .observer import Observer
+
+log = logging.getLogger(__name__)
+
+INPUT_TOPICS = ("samples", "labels", "context")  # subscribed with QoS 1 under the topic prefix
+
+
+def default_client_id(cfg: Config) -> str:
+    # Stable across restarts: the broker finds our persistent session by this id.
+    return "edge-agent-" + cfg.topic_prefix.replace("/", "-")
+
+
+class MqttTransport:
+    def __init__(
+        self,
+        cfg: Config,
+        deliver: Callable[[str, bytes, int, int, int], None],
+        online_payload: Callable[[], bytes],
+        offline_payload: Callable[[], bytes],
+        observer: Observer | None = None,
+    ):
+        self.cfg = cfg
+        self._deliver = deliver
+        self._online = online_payload
+        self._offline = offline_payload
+        self._obs = observer or Observer()
+        self.gen = 0  # connection generation; an ack is only valid on the connection that received it
+        self.connected = threading.Event()
+        self.published: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, ok) from on_publish
+        self.status_topic = cfg.topic("status")
+        self.client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        b = self.cfg.broker
+        v5 = b.protocol == "5"
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=b.client_id or default_client_id(self.cfg),
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+        )
+        c.enable_logger(logging.getLogger("edge_agent.paho"))
+        c.reconnect_delay_set(min_delay=max(1, int(b.reconnect_min_delay)), max_delay=max(1, int(b.reconnect_max_delay)))
+        # 0 (unlimited) is paho's fast path: with a limit it scans all unconfirmed messages per PUBACK.
+        c.max_inflight_messages_set(b.max_inflight)  # narrowed to the broker's Receive Maximum on connect
+        c.max_queued_messages_set(0)  # unbounded: predictions are never dropped by the client
+        if b.username is not None or b.password_file is not None:
+            c.username_pw_set(b.username or "", self._password())
+        if b.tls is not None:
+            t = b.tls
+            try:
+                c.tls_set(ca_certs=t.ca, certfile=t.cert, keyfile=t.key, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"broker.tls: cannot load TLS files: {e}") from e
+            c.tls_insecure_set(t.insecure)
+        c.will_set(self.status_topic, self._offline(), qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        return c
+
+    def _password(self) -> str | None:
+        b = self.cfg.broker
+        if b.password_file is None:
+            return b.password
+        try:
+            with open(b.password_file, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"broker.password_file: cannot read {b.password_file}: {e.strerror}") from e
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        b = self.cfg.broker
+        props = None
+        if b.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = b.session_expiry
+            props.ReceiveMaximum = self.cfg.limits.queue_size
+            self.client.connect_async(b.host, b.port, b.keepalive, clean_start=False, properties=props)
+        else:
+            self.client.connect_async(b.host, b.port, b.keepalive)
+        self.client.loop_start()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Publish `offline` (retained), wait briefly for it, disconnect cleanly (no will)."""
+        if self.connected.is_set():
+            try:
+                info = self.client.publish(self.status_topic, self._offline(), qos=1, retain=True)
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as e:
+                log.warning("could not publish offline status: %s", e)
+        # paho logs its loop's last pass without a socket as an error; nothing is wrong by then.
+        self.client.disable_logger()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- used by the worker thread ---------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            # 65535 unconfirmed publishes (packet ids exhausted): the message stays in the outbox
+            # and is re-sent at the next start.
+            log.error("publish to %s refused by the MQTT client: too many unconfirmed messages", topic)
+        return info.mid
+
+    def ack(self, mid: int, qos: int, gen: int) -> None:
+        # After a reconnect the broker redelivers unacknowledged messages (they are deduplicated);
+        # an ack for the old connection's packet id could hit a different message on the new one.
+        if qos and gen == self.gen:
+            self.client.ack(mid, qos)
+
+    # -- paho callbacks (network thread): never block ---------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.error("broker refused connection: %s", reason_code)
+            return
+        self.gen += 1
+        # paho ignores the broker's Receive Maximum; exceeding it (mosquitto's default is 20) is a
+        # protocol error. The public setter refuses changes on an open connection, but at this point
+        # (inside CONNACK handling, before paho re-sends anything) changing the limit is safe: paho
+        # counts in-flight messages independently of it.
+        server_max = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+        own = self.cfg.broker.max_inflight
+        if server_max:
+            client._max_inflight_messages = min(own, server_max) if own else server_max
+        elif client._max_inflight_messages:
+            # Never back to 0 once limited: paho would then never send what it holds as "queued".
+            client._max_inflight_messages = own or 65535
+        present = getattr(flags, "session_present", False)
+        log.info("connected to %s:%d (session %s)", self.cfg.broker.host, self.cfg.broker.port,
+                 "resumed" if present else "new")
+        # Always (re)subscribe: a broker that lost our session (restart without persistence,
+        # expiry) would otherwise leave us connected and deaf.
+        if self.cfg.broker.protocol == "5":
+            opts = SubscribeOptions(qos=1, noLocal=True)
+            client.subscribe([(self.cfg.topic(t), opts) for t in INPUT_TOPICS])
+        else:
+            client.subscribe([(self.cfg.topic(t), 1) for t in INPUT_TOPICS])
+        client.publish(self.status_topic, self._online(), qos=1, retain=True)
+        self.connected.set()
+        self._obs.on_connect(self.gen > 1)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
+            self._obs.on_disconnect()
+
+    def _on_message(self, client, userdata, msg):
+        self._deliver(msg.topic, msg.payload, msg.mid, msg.qos, self.gen)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        self.published.append((mid, not reason_code.is_failure))

@@ -1,0 +1,166 @@
+"""The worker in-process, with a recording transport instead of MQTT: policy details that the
+end-to-end tests would need many messages (or a classification bundle) to reach."""
+
+import collections
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.config import config_from_dict
+from edge_agent.model import Model, load_manifest
+
+PREFIX = "f/l/d"
+
+
+class RecordingTransport:
+    def __init__(self, cfg, deliver, online, offline, obs):
+        self.deliver = deliver
+        self.published = collections.deque()  # (mid, ok) as paho's on_publish would report
+        self.gen = 1
+        self.connected = threading.Event()
+        self.connected.set()
+        self.sent: list[tuple[str, dict]] = []
+        self.acks: list[int] = []
+        self._mid = 0
+
+    def publish(self, topic, payload, qos=1, retain=False):
+        self._mid += 1
+        self.sent.append((topic.rsplit("/", 1)[1], json.loads(payload)))
+        self.published.append((self._mid, True))
+        return self._mid
+
+    def ack(self, mid, qos, gen):
+        self.acks.append(mid)
+
+    def stop(self):
+        self.connected.clear()
+
+
+class StubModel:
+    """Classification with 2 classes; the 'state' is the mean label of the support set."""
+
+    version = "stub0001"
+    task_kind = "classification"
+    feature_names = ["a", "b"]
+    input_shape = (2,)
+    class_names = ["ok", "scrap"]
+    max_support = 8
+    recommended_k = 4
+    init_state = np.zeros(1, np.float32)
+
+    def __init__(self):
+        self.adapt_calls = []
+
+    def adapt(self, xs, ys):
+        self.adapt_calls.append(len(ys))
+        return np.array([np.mean(ys)], np.float32)
+
+    def predict(self, state, x):
+        p = np.full(len(x), 0.2 + 0.6 * float(state[0]), np.float32)
+        return np.stack([1 - p, p], axis=1)
+
+
+def _agent(tmp_path, model, **adaptation):
+    cfg = config_from_dict({"topic_prefix": PREFIX, "state_dir": str(tmp_path / "state"),
+                            "bundle": {"dir": str(tmp_path), "allow_unsigned": True},
+                            "adaptation": adaptation})
+    a = Agent(cfg, model, transport_cls=RecordingTransport)
+    a._restore()
+    return a
+
+
+def _send(agent, topic, obj, mid=[0]):  # noqa: B006 - a counter on purpose
+    mid[0] += 1
+    payload = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    agent._on_message(f"{PREFIX}/{topic}", payload, mid[0], 1, 1)
+    agent._process(agent._take(0))
+
+
+def _predictions(agent):
+    return [m for t, m in agent.transport.sent if t == "predictions"]
+
+
+def test_classification_payload_and_adaptation_policy(tmp_path):
+    model = StubModel()
+    a = _agent(tmp_path, model, support_size=4, min_labels=3, adapt_every=2)
+    for i in range(6):
+        _send(a, "samples", {"id": f"s{i}", "features": {"a": 1, "b": 2}, "label": "scrap"})
+    preds = _predictions(a)
+    assert [p["adapted"] for p in preds] == [False, False, False, True, True, True]
+    # min_labels=3 reached at label 3 (since_adapt=3 >= 2) -> adapt; then every 2 labels: at label 5
+    assert model.adapt_calls == [3, 4]
+    assert [p["n_support"] for p in preds] == [0, 0, 0, 3, 3, 4]
+    p = preds[-1]
+    assert p["prediction"] == "scrap" and p["class_index"] == 1
+    assert set(p["probabilities"]) == {"ok", "scrap"} and abs(sum(p["probabilities"].values()) - 1) < 1e-6
+    a.store.close()
+
+
+def test_duplicates_and_bad_labels(tmp_path):
+    a = _agent(tmp_path, StubModel(), min_labels=1)
+    _send(a, "samples", {"id": "x1", "features": [0, 0]})
+    _send(a, "samples", {"id": "x1", "features": [0, 0]})  # redelivery
+    _send(a, "labels", {"id": "x1", "label": 1})
+    _send(a, "labels", {"id": "x1", "label": 1})  # redelivered label: ignored, not an error
+    _send(a, "labels", {"id": "x2", "label": 1})
+    _send(a, "samples", {"id": "x3", "features": [0, 0], "label": "bogus"})  # predicted; label rejected
+    assert [p["id"] for p in _predictions(a)] == ["x1", "x3"]
+    errors = [(m["reason"], m["id"]) for t, m in a.transport.sent if t == "errors"]
+    assert errors == [("unknown_sample_id", "x2"), ("bad_label", "x3")]
+    assert len(a.transport.acks) == 6  # every message acknowledged, rejected ones too
+    a.store.close()
+
+
+def test_qos0_overflow_is_reported_qos1_never_dropped(tmp_path):
+    a = _agent(tmp_path, StubModel())
+    a._queue_max = 3
+    for i in range(5):
+        a._on_message(f"{PREFIX}/samples", json.dumps({"id": f"q{i}", "features": [0, 0]}).encode(), i + 1, 1, 1)
+    for i in range(5):
+        a._on_message(f"{PREFIX}/samples", json.dumps({"id": f"z{i}", "features": [0, 0]}).encode(), 0, 0, 1)
+    while a.queue:
+        a._process(a._take(0))
+    assert {p["id"] for p in _predictions(a)} == {f"q{i}" for i in range(5)}
+    assert [m["reason"] for t, m in a.transport.sent if t == "errors"] == ["queue_full"]
+    a.store.close()
+
+
+def test_new_model_version_re_adapts_from_stored_support(tmp_path):
+    model = StubModel()
+    a = _agent(tmp_path, model, min_labels=1)
+    for i in range(3):
+        _send(a, "samples", {"id": f"s{i}", "features": [0, 0], "label": 1})
+    a._shutdown()
+    m2 = StubModel()
+    m2.version = "stub0002"
+    b = _agent(tmp_path, m2, min_labels=1)
+    assert m2.adapt_calls == [3]  # at start, before the first prediction
+    _send(b, "samples", {"id": "after", "features": [0, 0]})
+    p = _predictions(b)[-1]
+    assert p["adapted"] and p["n_support"] == 3 and p["model_version"] == "stub0002"
+    b.store.close()
+
+
+@pytest.fixture(scope="module")
+def linear_model(tmp_path_factory):
+    from linear_bundle import make_linear_bundle
+
+    d = make_linear_bundle(tmp_path_factory.mktemp("b") / "bundle")
+    return Model(str(d), load_manifest(str(d), None, True))
+
+
+def test_linear_bundle_adapt_moves_towards_the_task(linear_model):
+    from linear_bundle import LinearFamily
+
+    fam = LinearFamily()
+    theta = fam.sample_task(5)
+    x, y = fam.sample(theta, 40, seed=1)
+    m = linear_model
+    s = m.adapt(x[:10], y[:10])
+    assert s.shape == (m.state_size,) and s.dtype == np.float32
+    err_init = np.mean((m.predict(m.init_state, x[10:]) - y[10:]) ** 2)
+    err_adapt = np.mean((m.predict(s, x[10:]) - y[10:]) ** 2)
+    assert err_adapt < err_init
