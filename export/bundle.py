@@ -1,0 +1,135 @@
+"""Run directory -> bundle directory (docs/bundle.md), all or nothing.
+
+Everything is written into a scratch directory next to the destination and moved into place only
+after parity has passed and the manifest is signed, so a failed export never leaves a bundle behind
+that a device could pick up.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from meta_train.trained import load_trained
+
+from . import manifest as manifest_mod
+from . import onnx_export, parity, torchscript
+from .errors import ExportError, SigningKeyError
+from .signing import MANIFEST_NAME, SIGNATURE_NAME, load_private_key, sign_manifest
+from .trace import Functions, trace
+
+BUNDLE_FILES = ["adapt.onnx", "predict.onnx", "init_state.npy", "model.pt"]
+DEFAULT_MAX_SUPPORT = 64
+PARITY_TASKS = 20
+
+
+@dataclass
+class Exported:
+    path: Path
+    manifest: dict
+    signed: bool
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    # The device's settings (edge_agent/model.py): single thread, full graph optimisation.
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _backends(work: Path, script_module) -> dict:
+    adapt_s, predict_s = ort_session(work / "adapt.onnx"), ort_session(work / "predict.onnx")
+
+    def ort_adapt(sx, sy, sw):
+        return adapt_s.run(None, {"support_x": sx, "support_y": sy, "support_w": sw})[0]
+
+    def ort_predict(state, x):
+        return predict_s.run(None, {"state": state, "x": x})[0]
+
+    def ts_adapt(sx, sy, sw):
+        with torch.no_grad():
+            return script_module.adapt(torch.from_numpy(sx), torch.from_numpy(sy), torch.from_numpy(sw)).numpy()
+
+    def ts_predict(state, x):
+        with torch.no_grad():
+            return script_module.predict(torch.from_numpy(state), torch.from_numpy(x)).numpy()
+
+    return {"onnx": (ort_adapt, ort_predict), "torchscript": (ts_adapt, ts_predict)}
+
+
+def _prepare_destination(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a directory")
+        known = set(BUNDLE_FILES) | {MANIFEST_NAME, SIGNATURE_NAME}
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in known)
+        if foreign:
+            # Replacing a previous bundle is fine; deleting someone's other files is not.
+            raise ExportError(f"{out} holds files that are not part of a bundle ({', '.join(foreign)}); "
+                              "choose an empty or new directory")
+
+
+def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUPPORT, steps: int | None = None,
+                  parity_tasks: int = PARITY_TASKS, optimize: bool = True, log=print) -> Exported:
+    out = Path(out)
+    if max_support < 1:
+        raise ExportError(f"--max-support must be >= 1, got {max_support}")
+    if sign_key is not None:
+        try:  # fail before the minutes of tracing and parity, not after
+            load_private_key(sign_key)
+        except (OSError, ValueError, TypeError) as e:
+            raise SigningKeyError(f"signing key {sign_key}: {e}") from None
+    _prepare_destination(out)
+    trained = load_trained(run)
+    try:
+        fns = Functions(trained, steps)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        try:
+            adapt_gm, predict_gm = trace(fns, max_support, optimize=optimize)
+        except Exception as e:  # make_fx failures come in many types; all mean "cannot build the graphs"
+            raise ExportError(f"tracing adapt/predict failed: {type(e).__name__}: {e}") from e
+        adapt_args, predict_args = fns.example_inputs(max_support)
+        onnx_export.export_adapt(adapt_gm, adapt_args, max_support, work / "adapt.onnx")
+        onnx_export.export_predict(predict_gm, predict_args, work / "predict.onnx")
+        script = torchscript.export_torchscript(adapt_gm, predict_gm, work / "model.pt")
+        np.save(work / "init_state.npy", fns.init_state().numpy().astype(np.float32), allow_pickle=False)
+
+        k = manifest_mod.recommended_k(fns, max_support)
+        result = parity.check(fns, _backends(work, script), parity_tasks, k, max_support)
+        log(f"parity on {result.tasks} tasks ({result.task_source}), support sizes {result.support_sizes} (+ padded): "
+            + ", ".join(f"{b} max|dy| {v['y']:.2e} max|dstate| {v['state']:.2e}" for b, v in result.max_abs.items()))
+
+        manifest = manifest_mod.build(fns, work, max_support=max_support, parity=result.to_manifest(),
+                                      files=BUNDLE_FILES)
+        manifest_mod.write(manifest, work)
+        if sign_key is not None:
+            try:
+                sign_manifest(work, sign_key)
+            except (OSError, ValueError) as e:
+                raise SigningKeyError(f"signing with {sign_key} failed: {e}") from e
+        else:
+            print("meta-export: warning: no --sign-key given; this bundle is UNSIGNED and a device will "
+                  "refuse it unless started with --allow-unsigned", file=sys.stderr)
+        work.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a copying or serving user
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return Exported(out, manifest, sign_key is not None)
