@@ -10,16 +10,17 @@ run the inner loop, take the meta-gradient, step Adam. Throughput = B * iteratio
 
 Implementations (all fed the same task batches from meta_train's SinusoidSource):
   ours        the repo's trainer: the body of meta_train.train.train()'s loop, calling
-              meta_train.algorithms.meta_gradient (vmap over tasks of torch.func.grad adapt), grad
-              clipping and Adam exactly as train() does.
+              meta_train.algorithms.meta_gradient (for this MLP under MSE: the batched-MLP fast path of
+              meta_train/fast_mlp.py), grad clipping and the fused Adam exactly as train() does.
+  ours_generic  (opt-in: --impls ... ours_generic) `ours` with meta_gradient(..., fast=False): the generic
+              vmap-over-tasks torch.func.grad path, i.e. ours before the fast path (same fused Adam).
   l2l         learn2learn 0.2.0 as documented: per task maml.clone(), learner.adapt(loss) x steps,
               query loss / B .backward(); then Adam. first_order=True for FOMAML.
   higher      higher 0.2.1: per task innerloop_ctx(model, SGD, copy_initial_weights=False),
               diffopt.step(loss) x steps, query loss / B .backward(); then Adam. First order cuts the
               inner gradient with grad_callback=detach (the FOMAML identity Jacobian).
-  proto_bmm   (prototype, --prototypes bmm) the same maths as `ours` with the inner loop written as batched
-              matmuls with a hand-derived MLP backward (autograd still takes the outer derivative, so it
-              is exact second order), fused Adam, no vmap/functional_call.
+  proto_bmm   (prototype, --prototypes bmm) the benchmark's own copy of the batched-MLP inner loop (fixed
+              scalar rate only); what `ours` now does through meta_train/fast_mlp.py.
   proto_flat  (prototype, --prototypes flat) proto_bmm plus one flat parameter tensor (fused Adam and clipping on
               one tensor) and, for first order, the meta-gradient by the same hand-derived backward.
   proto_compile  (prototype, opt-in: --prototypes compile) torch.compile of ours' meta-loss.
@@ -28,7 +29,8 @@ Before timing, every implementation's meta-gradient on one shared batch and one 
 compared with ours (max relative difference printed); the run aborts if they disagree.
 
 Run in the peers venv (benchmarks/setup_peers.sh builds it), from the repo root:
-    benchmarks/.peers/venv/bin/python benchmarks/trainer_speed.py --prototypes bmm flat --out docs/results/trainer_speed.json
+    benchmarks/.peers/venv/bin/python benchmarks/trainer_speed.py --impls ours ours_generic l2l higher \
+        --out docs/results/trainer_speed.json
 """
 
 from __future__ import annotations
@@ -134,11 +136,14 @@ class Ours(Impl):
         self.optimizer = self.make_optimizer()
         self.it = 0
 
+    fast = None  # meta_gradient's default: the batched-MLP fast path where supported
+
     def make_optimizer(self):
-        return torch.optim.Adam(_leaves(self.params, self.lrs), lr=self.cfg.train.meta_lr)
+        # As train.py builds it on CPU/CUDA.
+        return torch.optim.Adam(_leaves(self.params, self.lrs), lr=self.cfg.train.meta_lr, fused=True)
 
     def gradient(self, batch):
-        return meta_gradient(self.model, self.alg, self.params, self.lrs, batch, self.it)
+        return meta_gradient(self.model, self.alg, self.params, self.lrs, batch, self.it, fast=self.fast)
 
     def meta_grads(self, batch):
         _, param_grads, _ = self.gradient(batch)
@@ -152,13 +157,13 @@ class Ours(Impl):
         grads = [param_grads[n] for n in params] + [lr_grads[n] for n in lrs if lrs[n].requires_grad]
         loss_buf = loss.detach().reshape(1).clone()
         float(loss_buf)
-        if cfg.train.grad_clip > 0:
-            total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        if cfg.train.grad_clip > 0:  # one foreach norm over all gradients, not one reduction per tensor
+            total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
             scale = min(1.0, cfg.train.grad_clip / (float(total) + 1e-12))
         else:
             scale = 1.0
-        for leaf, g in zip(_leaves(params, lrs), grads):
-            leaf.grad = g * scale
+        for leaf, g in zip(_leaves(params, lrs), grads):  # the gradients are fresh tensors: no copy unless scaled
+            leaf.grad = g * scale if scale < 1.0 else g
         for group in self.optimizer.param_groups:
             group["lr"] = meta_lr_at(cfg, self.it)
         self.optimizer.step()
@@ -167,6 +172,13 @@ class Ours(Impl):
                 if r.requires_grad:
                     r.clamp_(min=0.0)
         self.it += 1
+
+
+class OursGeneric(Ours):
+    """`ours` forced onto the generic vmap path (meta_gradient(..., fast=False)): ours before the fast path."""
+
+    name = "ours_generic"
+    fast = False
 
 
 # --------------------------------------------------------------------------------------------- peers
@@ -399,7 +411,7 @@ class ProtoCompile(Ours):
         return loss.detach(), dict(zip(self.params, grads)), {}
 
 
-IMPLS = {"ours": Ours, "l2l": Learn2Learn, "higher": Higher, "proto_bmm": ProtoBmm, "proto_flat": ProtoFlat,
+IMPLS = {"ours": Ours, "ours_generic": OursGeneric, "l2l": Learn2Learn, "higher": Higher, "proto_bmm": ProtoBmm, "proto_flat": ProtoFlat,
          "proto_compile": ProtoCompile}
 PEERS = ("l2l", "higher")
 
@@ -452,7 +464,7 @@ def measure_case(case: Case, names: list[str], rounds: int, slice_s: float, warm
         }
     # Ratios: computed within each round (the two runs were seconds apart), then summarised.
     for num in [n for n in names if n not in PEERS]:
-        for den in [n for n in names if n != num and (n in PEERS or n == "ours")]:
+        for den in [n for n in names if n != num and (n in PEERS or n in ("ours", "ours_generic"))]:
             per_round = sorted(a / b for a, b in zip(rates[num], rates[den]))
             result["ratios"][f"{num}/{den}"] = {
                 "median": statistics.median(per_round), "min": per_round[0], "max": per_round[-1],
@@ -473,7 +485,10 @@ def fmt_ratio(d: dict | None) -> str:
 
 def table(results: list[dict], names: list[str]) -> str:
     protos = [n for n in names if n.startswith("proto")]
+    generic = "ours_generic" in names
     head = ["config"] + [f"{n} tasks/s" for n in names] + ["ours/l2l", "ours/higher"]
+    if generic:
+        head += ["ours/ours_generic", "ours_generic/l2l"]
     for p in protos:
         head += [f"{p}/l2l", f"{p}/ours"]
     head.append("target vs l2l")
@@ -482,6 +497,8 @@ def table(results: list[dict], names: list[str]) -> str:
         b = res["case"]["batch"]
         row = [res["label"]] + [fmt_rate(res["tasks_per_s"][n]) for n in names]
         row += [fmt_ratio(res["ratios"].get("ours/l2l")), fmt_ratio(res["ratios"].get("ours/higher"))]
+        if generic:
+            row += [fmt_ratio(res["ratios"].get("ours/ours_generic")), fmt_ratio(res["ratios"].get("ours_generic/l2l"))]
         for p in protos:
             row += [fmt_ratio(res["ratios"].get(f"{p}/l2l")), fmt_ratio(res["ratios"].get(f"{p}/ours"))]
         target = TARGETS.get(b)

@@ -5,7 +5,10 @@ the inner gradient is cut (first order), which parameters the inner loop touches
 query loss is weighted over the inner steps (MAML++'s multi-step loss). Reptile is the odd one out: its
 meta-gradient is the displacement `params - adapted`, not a derivative of a query loss.
 
-The tasks of a meta-batch are handled by `vmap`, not a Python loop.
+The tasks of a meta-batch are handled by `vmap`, not a Python loop. For the common case (a plain ReLU/Tanh MLP
+under MSE, see `fast_mlp.supported`) a batched fast path computes the same loss with the inner gradient written
+as batched matmuls; the vmap path below stays the reference and the fallback. `fast=False` (or
+`fast_mlp.ENABLED = False`) forces the generic path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import vmap
 
+from . import fast_mlp
 from .config import AlgorithmConfig
 from .inner import InnerConfig, adapt, task_loss
 
@@ -89,11 +93,38 @@ def _query_loss(model, alg: Algorithm, params, lrs, sx, sy, qx, qy, first_order,
     return (losses * step_weights).sum()
 
 
-def meta_loss(model, alg: Algorithm, params, lrs, batch, iteration: int = 0) -> torch.Tensor:
-    """Mean query loss over the meta-batch after adaptation; differentiable w.r.t. params and lrs."""
+def _step_weights(alg: Algorithm, iteration: int):
     use_msl = alg.multi_step_loss and iteration < alg.msl_iterations and alg.inner.steps > 1
-    step_weights = msl_weights(alg.inner.steps, iteration, alg.msl_iterations) if use_msl else None
+    return msl_weights(alg.inner.steps, iteration, alg.msl_iterations) if use_msl else None
+
+
+def _fast(fast: bool | None) -> bool:
+    return fast_mlp.ENABLED if fast is None else fast
+
+
+def _plan(model, alg: Algorithm, params, batch, iteration: int, fast: bool | None):
+    if not _fast(fast):
+        return None
+    if alg.name == "reptile":
+        return fast_mlp.plan(model, alg.inner, None, params, batch) if alg.inner.steps >= 1 else None
+    return fast_mlp.plan(model, alg.inner, _step_weights(alg, iteration), params, batch)
+
+
+def uses_fast_path(model, alg: Algorithm, params, batch, iteration: int = 0, fast: bool | None = None) -> bool:
+    """Whether meta_gradient takes the batched-MLP fast path for this call (else the generic vmap path)."""
+    return _plan(model, alg, params, batch, iteration, fast) is not None
+
+
+def meta_loss(model, alg: Algorithm, params, lrs, batch, iteration: int = 0, fast: bool | None = None) -> torch.Tensor:
+    """Mean query loss over the meta-batch after adaptation; differentiable w.r.t. params and lrs.
+
+    `fast` (default `fast_mlp.ENABLED`): use the batched-MLP path when the model and loss allow it.
+    """
+    step_weights = _step_weights(alg, iteration)
     first_order = alg.first_order_at(iteration)
+    spec = fast_mlp.plan(model, alg.inner, step_weights, params, batch) if _fast(fast) else None
+    if spec is not None:
+        return fast_mlp.query_losses(model, alg.inner, params, lrs, batch, first_order, spec).mean()
 
     def one_task(p, r, sx, sy, qx, qy):
         return _query_loss(model, alg, p, r, sx, sy, qx, qy, first_order, step_weights)
@@ -104,10 +135,15 @@ def meta_loss(model, alg: Algorithm, params, lrs, batch, iteration: int = 0) -> 
     return losses.mean()
 
 
-def reptile_displacement(model, alg: Algorithm, params, lrs, batch) -> tuple[torch.Tensor, dict]:
+def reptile_displacement(
+    model, alg: Algorithm, params, lrs, batch, fast: bool | None = None
+) -> tuple[torch.Tensor, dict]:
     """Reptile's meta-gradient: params minus the task-averaged adapted params (support + query as data)."""
     x = torch.cat([batch.support_x, batch.query_x], dim=1)
     y = torch.cat([batch.support_y, batch.query_y], dim=1)
+    spec = _plan(model, alg, params, batch, 0, fast)
+    if spec is not None:
+        return fast_mlp.reptile(model, alg.inner, params, lrs, x, y, spec)
     detached = {n: p.detach() for n, p in params.items()}
 
     def one_task(xt, yt):
@@ -119,13 +155,20 @@ def reptile_displacement(model, alg: Algorithm, params, lrs, batch) -> tuple[tor
     return losses.mean().detach(), grads
 
 
-def meta_gradient(model, alg: Algorithm, params, lrs, batch, iteration: int = 0):
-    """(loss, grads for params, grads for learnable lrs). Gradients are of the mean over this batch."""
+def meta_gradient(model, alg: Algorithm, params, lrs, batch, iteration: int = 0, fast: bool | None = None):
+    """(loss, grads for params, grads for learnable lrs). Gradients are of the mean over this batch.
+
+    `fast` (default `fast_mlp.ENABLED`): use the batched-MLP path when the model and loss allow it.
+    """
     if alg.name == "reptile":
-        loss, grads = reptile_displacement(model, alg, params, lrs, batch)
+        loss, grads = reptile_displacement(model, alg, params, lrs, batch, fast)
         return loss, grads, {}
     learn = {n: r for n, r in lrs.items() if r.requires_grad}
-    loss = meta_loss(model, alg, params, lrs, batch, iteration)
+    spec = _plan(model, alg, params, batch, iteration, fast) if alg.first_order_at(iteration) else None
+    if spec is not None:
+        # First order on the fast path: the hand-derived backward at the adapted weights, no autograd.
+        return fast_mlp.first_order_gradient(model, alg.inner, params, lrs, batch, learn, spec)
+    loss = meta_loss(model, alg, params, lrs, batch, iteration, fast)
     leaves = list(params.values()) + list(learn.values())
     all_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     names = list(params) + [f"lr:{n}" for n in learn]

@@ -159,13 +159,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
         loss_buf = loss.detach().reshape(1).clone()
         ddp.average(grads + [loss_buf])
         loss_value = float(loss_buf)
-        if cfg.train.grad_clip > 0:
-            total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        if cfg.train.grad_clip > 0:  # one foreach norm over all gradients, not one reduction per tensor
+            total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
             scale = min(1.0, cfg.train.grad_clip / (float(total) + 1e-12))
         else:
             scale = 1.0
-        for leaf, g in zip(_leaves(params, lrs), grads):
-            leaf.grad = g * scale
+        for leaf, g in zip(_leaves(params, lrs), grads):  # the gradients are fresh tensors: no copy unless scaled
+            leaf.grad = g * scale if scale < 1.0 else g
         for group in optimizer.param_groups:
             group["lr"] = meta_lr_at(cfg, iteration)
         optimizer.step()
