@@ -14,7 +14,8 @@ def _train(args) -> int:
     from .config import load_config
     from .train import train
 
-    cfg = load_config(args.config, args.set)
+    overrides = list(args.set) + ([f"device={args.device}"] if args.device else [])
+    cfg = load_config(args.config, overrides)
     path = train(cfg, args.out, resume=args.resume, max_iterations=args.max_iterations)
     print(f"checkpoint: {path}")
     return 0
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (defaults are the MAML paper's sinusoid setup)")
     t.add_argument("--out", required=True, help="run directory for checkpoint.pt and metrics.jsonl")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    t.add_argument("--device", help="cpu (default) or cuda / cuda:N where a GPU exists")
     t.add_argument("--max-iterations", type=int, default=None, help="stop after this many more iterations")
     t.add_argument("set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.iterations=500")
     t.set_defaults(func=_train)
