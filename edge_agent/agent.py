@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import __version__
-from .config import Config
-from .errors import BrokerError, PayloadError
+from .config import Config, load_config
+from .errors import BrokerError, BundleError, ConfigError, PayloadError
 from .model import Model
+from .sdnotify import watchdog_interval
 from .observer import Observer, Observers
 from .protocol import Sample, Schema, decode, label_value, parse_context, parse_label, parse_sample, peek_id
 from .state import AgentState, Store
@@ -53,13 +55,14 @@ def _jval(v) -> str:
 
 
 class _Item(NamedTuple):
-    kind: str  # "samples" | "labels" | "context" | "?"
+    kind: str  # "samples" | "labels" | "context" | "commands" | "?"
     payload: bytes | None  # None when oversized (not kept in memory)
     size: int
     mid: int
     qos: int
     gen: int
     t_recv: float
+    dup: bool = False  # MQTT DUP flag: the broker redelivers what it had sent us before
 
 
 @dataclass
@@ -71,22 +74,35 @@ class _Pending:
 
 
 class Agent:
-    def __init__(self, cfg: Config, model: Model, observer: Observer | None = None, transport_cls=MqttTransport):
+    def __init__(self, cfg: Config, model: Model, observer: Observer | None = None, transport_cls=MqttTransport,
+                 store: Store | None = None, bundles=None):
         self.cfg = cfg
         self.model = model
+        self.bundles = bundles  # edge_agent.bundles.BundleStore; None: no hot reload (unit tests)
         self.obs = observer if observer is not None else Observers()
         self.schema = Schema(model.feature_names, model.input_shape, model.task_kind, model.class_names)
         self.k = min(cfg.adaptation.support_size or model.recommended_k, model.max_support)
         lim = cfg.limits
         self.state = AgentState(self.k, lim.recent_ids, lim.pending_samples)
-        self.store = Store(cfg.state_dir)
+        self.store = store if store is not None else Store(cfg.state_dir)
         # A deque + Event rather than queue.Queue: half the cost per message, and the bound is ours.
         # Twice the Receive Maximum: room for one reconnect's redeliveries on top of a full queue.
         self.queue: collections.deque[_Item] = collections.deque()
         self._queue_max = 2 * lim.queue_size
         self._wake = threading.Event()
-        self._topics = {cfg.topic(t): t for t in ("samples", "labels", "context")}
+        self._topics = {cfg.topic(t): t for t in ("samples", "labels", "context", "commands")}
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._queue_hwm = 0  # the deepest the queue has been (logged at shutdown)
+        self._space = threading.Event()  # set by the worker when the queue has room again
+        self._worker: int | None = None  # thread id of the worker loop, once running
+        self._sent: collections.OrderedDict[str, str] = collections.OrderedDict()  # confirmed predictions
+        wd = watchdog_interval()
+        # The loop must come round at least twice per watchdog interval (and every TICK_S anyway).
+        self._tick_s = min(TICK_S, wd / 2) if wd else TICK_S
+        self._status = None
+        self._next_watch = 0.0
+        self._watch_seen: dict[str, str] = {}  # watch_dir entry -> signature seen at the last poll
         self._dropped = 0  # QoS 0 messages dropped on a full queue since the last batch
         self._overflow = 0  # QoS 1 messages queued beyond the bound since the last batch
         self._mids: dict[int, str] = {}  # prediction packet id -> sample id, until PUBACK
@@ -95,20 +111,31 @@ class Agent:
         self.transport = transport_cls(cfg, self._on_message, self._online_payload, self._offline_payload, self.obs)
 
     # -- network thread ------------------------------------------------------------------------
-    def _on_message(self, topic: str, payload: bytes, mid: int, qos: int, gen: int) -> None:
-        if len(self.queue) >= self._queue_max:
+    def _on_message(self, topic: str, payload: bytes, mid: int, qos: int, gen: int, dup: bool = False) -> None:
+        n = len(self.queue)
+        if n >= self._queue_hwm:
+            self._queue_hwm = n + 1
+        if n >= self._queue_max:
             if qos == 0:
                 self._dropped += 1  # reported on the errors topic by the worker
                 return
             # Never drop QoS 1: unacknowledged, it would sit in the broker's in-flight window until
             # the next reconnect. The broker's flow control (our Receive Maximum) should keep us
-            # below the bound, but mosquitto 2.0.11 was seen to overshoot it in bursts; the excess
-            # is bounded by what the broker holds for us.
+            # below the bound, but mosquitto 2.0.11 ignores it: a burst arrives whole. Backpressure
+            # instead: this (paho's network) thread waits for room, so paho stops reading the socket,
+            # TCP pushes back and the broker keeps the rest (within its max_queued_messages). Never
+            # on the thread that drains the queue (unit tests feed it from there).
             self._overflow += 1
+            if self._worker is not None and threading.get_ident() != self._worker:
+                while len(self.queue) >= self._queue_max and not self._stop.is_set():
+                    self._space.clear()
+                    if len(self.queue) < self._queue_max:
+                        break
+                    self._space.wait(0.2)
         size = len(payload)
         self.queue.append(_Item(self._topics.get(topic, "?"),
                                 payload if size <= self.cfg.limits.max_payload_bytes else None,
-                                size, mid, qos, gen, time.monotonic()))
+                                size, mid, qos, gen, time.monotonic(), dup))
         self._wake.set()
 
     def _online_payload(self) -> bytes:
@@ -122,9 +149,16 @@ class Agent:
     def request_stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._space.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the config (and its bundle) from the main loop."""
+        self._reload.set()
+        self._wake.set()
 
     def run(self) -> int:
         t0 = time.monotonic()
+        self._worker = threading.get_ident()
         self._restore()
         self.transport.start()
         deadline = t0 + self.cfg.broker.connect_timeout
@@ -142,15 +176,22 @@ class Agent:
                  time.monotonic() - t0, self.model.version, self.state.current, len(self.state.contexts),
                  len(self.state.pending), len(self.state.outbox))
         self.obs.on_start(self.model.version)
+        self._update_status()
         # The import-time heap (numpy, onnxruntime, paho: ~10^5 objects) never becomes garbage;
         # frozen, it is no longer rescanned by full collections, which otherwise stall the worker
         # for tens of milliseconds (a p99 latency spike) every few tens of thousands of messages.
         gc.freeze()
         try:
             while not self._stop.is_set():
-                batch = self._take(TICK_S)
+                batch = self._take(self._tick_s)
                 if batch or self.transport.published or self._dropped or self._overflow:
                     self._process(batch)
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._reload_config()
+                if self.cfg.bundle.watch_dir and time.monotonic() >= self._next_watch:
+                    self._poll_watch_dir()
+                self._update_status()
                 self.obs.on_tick()
         except BaseException:
             # Nothing of the failed batch was acknowledged: the broker redelivers it to the next run.
@@ -183,7 +224,7 @@ class Agent:
     def _resend_outbox(self) -> None:
         # Predictions that were committed but never confirmed by the broker before we went down.
         for sid, payload in list(self.state.outbox.items()):
-            self._mids[self.transport.publish(self.cfg.topic("predictions"), payload, qos=1)] = sid
+            self._mids[self.transport.publish(self.cfg.topic("predictions"), payload, qos=1, resent=True)] = sid
         if self.state.outbox:
             log.info("re-sent %d unconfirmed prediction(s) from the outbox", len(self.state.outbox))
 
@@ -209,6 +250,7 @@ class Agent:
         self.transport.stop()
         self.store.close()
         log.info("stopped cleanly (%d prediction(s) left in the outbox)", len(self.state.outbox))
+        log.info("queue high-water mark %d (limits.queue_size %d)", self._queue_hwm, self.cfg.limits.queue_size)
 
     # -- worker ----------------------------------------------------------------------------------
     def _take(self, timeout: float, limit: int | None = None) -> list[_Item]:
@@ -218,12 +260,28 @@ class Agent:
             if not q:  # re-checked after clear(): an append in between has set the event again
                 self._wake.wait(timeout)
         n = min(len(q), self.cfg.limits.batch_size, limit or self.cfg.limits.batch_size)
-        return [q.popleft() for _ in range(n)]
+        batch = [q.popleft() for _ in range(n)]
+        if n and len(q) < self._queue_max:
+            self._space.set()
+        return batch
 
     def _process(self, batch: list[_Item]) -> None:
+        # A command (bundle load, rollback) runs between two durable commits: what came before it is
+        # committed first (and predicted by the old model), what comes after by the new one.
+        for i, it in enumerate(batch):
+            if it.kind == "commands":
+                if i:
+                    self._process_batch(batch[:i])
+                self._command(it)
+                self._process(batch[i + 1:])
+                return
+        self._process_batch(batch)
+
+    def _process_batch(self, batch: list[_Item]) -> None:
         records: list[dict] = []
         out: list[tuple[str, str, float, bool, int]] = []  # (sid, payload, t_recv, adapted, n_support)
         errors: list[tuple[str, PayloadError]] = []
+        resend: list[str] = []
         group: list[_Pending] = []
         group_ids: set[str] = set()
 
@@ -242,6 +300,12 @@ class Agent:
                     s = parse_sample(decode(it.payload), self.schema)
                     if s.id in self.state.recent or s.id in group_ids:
                         self.obs.on_duplicate()
+                        # Not a broker redelivery (DUP flag) but the line publishing the sample again,
+                        # e.g. after a broker crash lost our prediction: send the same prediction again.
+                        if not it.dup and s.id not in self.state.outbox:
+                            p = self._sent.get(s.id)
+                            if p is not None:
+                                resend.append(p)
                         continue
                     y = None
                     if s.has_label:
@@ -279,6 +343,12 @@ class Agent:
                 if e.sample_id is None and it.payload is not None:
                     e.sample_id = peek_id(it.payload)
                 errors.append((it.kind, e))
+            except Exception as e:  # noqa: BLE001 - one odd payload must not become a crash loop
+                # (unacknowledged, it would be redelivered to every restart). Parsing happens before
+                # any state record, so nothing of this message was applied.
+                log.exception("unexpected failure on a %s message; rejected", it.kind)
+                errors.append((it.kind, PayloadError("internal_error", f"{type(e).__name__}: {e}",
+                                                     peek_id(it.payload) if it.payload else None)))
         flush()
         self._adapt_dirty(records)
         while self.transport.published:
@@ -287,13 +357,20 @@ class Agent:
             if sid is not None:
                 if not ok:
                     log.error("broker rejected prediction for %s; dropped from the outbox", sid)
+                elif self.cfg.limits.resend_predictions:
+                    p = self.state.outbox.get(sid)
+                    if p is not None:
+                        sent = self._sent
+                        sent[sid] = p
+                        if len(sent) > self.cfg.limits.resend_predictions:
+                            sent.popitem(last=False)
                 self._record({"t": "k", "id": sid}, records)
         if self._dropped:
             n, self._dropped = self._dropped, 0
             errors.append(("?", PayloadError("queue_full", f"{n} QoS 0 message(s) dropped: queue full")))
         if self._overflow:
             n, self._overflow = self._overflow, 0
-            log.warning("broker sent %d QoS 1 message(s) beyond our Receive Maximum; queued anyway", n)
+            log.debug("broker sent %d QoS 1 message(s) beyond our Receive Maximum; held back", n)
 
         self.store.append(records)  # durable from here on
         pred_topic = self.cfg.topic("predictions")
@@ -301,6 +378,8 @@ class Agent:
         for sid, payload, t_recv, adapted, n_support in out:
             self._mids[self.transport.publish(pred_topic, payload, qos=1)] = sid
             self.obs.on_prediction(now - t_recv, adapted, n_support)
+        for payload in resend:
+            self.transport.publish(pred_topic, payload, qos=1, resent=True)
         for topic_kind, e in errors:
             self._report(topic_kind, e)
         for it in batch:
@@ -395,3 +474,227 @@ class Agent:
         elif n == 10:
             log.warning("more rejected messages this second; not logging each")
         self._err_budget = (t, n + 1)
+
+    # -- status, reload, hot model swap (all on the main thread, between two durable commits) ----
+    def _update_status(self) -> None:
+        if self.transport.connected.is_set():
+            text = f"online, model {self.model.version}, {len(self.state.contexts)} contexts"
+        else:
+            text = "reconnecting"
+        if text != self._status:
+            self._status = text
+            self.obs.on_status(text)
+
+    def _command(self, it: _Item) -> None:
+        try:
+            if it.payload is None:
+                raise PayloadError("oversized", f"payload of {it.size} bytes exceeds limits.max_payload_bytes "
+                                                f"({self.cfg.limits.max_payload_bytes})")
+            obj = decode(it.payload)
+            cid = obj.get("id")
+            if cid is not None and (not isinstance(cid, (str, int)) or isinstance(cid, bool) or len(str(cid)) > 200):
+                raise PayloadError("bad_command", "'id' must be a string or an integer")
+            cid = None if cid is None else str(cid)
+            if cid is not None and self.bundles is not None and cid == self.bundles.meta.get("last_command"):
+                log.info("command %s already carried out (redelivered); ignored", cid)
+                return
+            cmd = obj.get("command")
+            if cmd == "load_bundle":
+                path = obj.get("path")
+                if not isinstance(path, str) or not path or "\x00" in path:
+                    raise PayloadError("bad_command", "load_bundle needs 'path': the bundle directory on this device",
+                                       cid)
+                self._load_bundle(path, f"command {cid or ''}".strip(), command_id=cid)
+            elif cmd == "rollback":
+                self._rollback(cid)
+            else:
+                raise PayloadError("bad_command", f"unknown command {cmd!r} (known: load_bundle, rollback)", cid)
+        except PayloadError as e:
+            self._report("commands", e)
+        finally:
+            self.transport.ack(it.mid, it.qos, it.gen)
+
+    def _load_bundle(self, src: str, origin: str, command_id: str | None = None, from_config: bool = False) -> bool:
+        """Verify, install, test-load and activate the bundle in `src`. True if another model now
+        serves; PayloadError("bundle_refused") if anything failed (the running model keeps serving)."""
+        if self.bundles is None:
+            raise PayloadError("bundle_refused", "hot reload is not available in this agent", command_id)
+        old = self.model.version
+        try:
+            d, manifest = self.bundles.install(src)
+            version = str(manifest["model_version"])
+            if from_config and version == self.bundles.meta.get("config_version"):
+                return False  # the configured bundle did not change; keep what was activated since
+            if version == old:
+                log.info("bundle %s (%s) is already serving", version, origin)
+                if from_config or command_id is not None:
+                    self.bundles.activated(version, config_version=version if from_config else None,
+                                           command_id=command_id)
+                return False
+            model = Model(str(d), manifest)
+            states = self._prepare_model(model)
+        except BundleError as e:
+            log.error("bundle from %s refused (%s): %s; model %s keeps serving", src, origin, e, old)
+            raise PayloadError("bundle_refused", f"bundle {src} refused: {e}; model {old} keeps serving",
+                               command_id) from None
+        self._swap_model(model, states)
+        self.bundles.activated(version, config_version=version if from_config else None, command_id=command_id)
+        self.store.compact(self.state)
+        log.info("model %s -> %s (%s); %d context(s) re-adapted", old, version, origin, len(states))
+        return True
+
+    def _rollback(self, command_id: str | None) -> None:
+        if self.bundles is None or self.bundles.previous() is None:
+            raise PayloadError("rollback_unavailable", "no previous bundle to roll back to", command_id)
+        target = self.bundles.previous()
+        old = self.model.version
+        try:
+            d, manifest = self.bundles.open_installed(target)
+            model = Model(str(d), manifest)
+            states = self._prepare_model(model)
+        except BundleError as e:
+            log.error("rollback to %s refused: %s; model %s keeps serving", target, e, old)
+            raise PayloadError("bundle_refused", f"rollback to {target} refused: {e}; model {old} keeps serving",
+                               command_id) from None
+        self._swap_model(model, states)
+        self.bundles.rolled_back(target, command_id)
+        self.store.compact(self.state)
+        log.info("rolled back: model %s -> %s; %d context(s) re-adapted", old, target, len(states))
+
+    def _prepare_model(self, model: Model) -> dict:
+        """Everything that can fail, before anything changes: the line protocol must stay the same, the
+        model must run, and every adapted context must re-adapt on it. Returns the new states."""
+        cur = self.model
+        for attr in ("task_kind", "feature_names", "input_shape", "class_names"):
+            if getattr(model, attr) != getattr(cur, attr):
+                raise BundleError(f"{attr} differs from the running model ({getattr(model, attr)!r} vs "
+                                  f"{getattr(cur, attr)!r}): the line's payloads would change; restart with a new "
+                                  "state_dir to switch")
+        model.dry_run()
+        states = {}
+        for name, c in self.state.contexts.items():
+            if c.state is None or not c.support:
+                continue
+            xs = np.stack([x for _, x, _ in c.support])
+            ys = np.asarray([y for _, _, y in c.support])
+            try:
+                states[name] = (model.adapt(xs, ys), len(c.support))
+            except Exception as e:  # noqa: BLE001
+                raise BundleError(f"re-adapting context {name!r} on the new model failed: {e}") from e
+        return states
+
+    def _swap_model(self, model: Model, states: dict) -> None:
+        self.model = model
+        k = min(self.cfg.adaptation.support_size or model.recommended_k, model.max_support)
+        if k != self.k:
+            self._resize_support(k)
+        for name, c in self.state.contexts.items():
+            if name in states:
+                c.state, c.adapted_on = states[name]
+                c.since_adapt = 0
+                self._dirty.discard(name)
+            else:
+                c.state, c.adapted_on = None, 0
+        self.state.model_version = model.version
+        self.transport.publish(self.cfg.topic("status"), self._online_payload(), qos=1, retain=True)
+        self.obs.on_model(model.version)
+        self._update_status()
+
+    def _resize_support(self, k: int) -> None:
+        self.k = self.state.k = k
+        for c in self.state.contexts.values():
+            c.k = k
+            c.support = collections.deque(c.support, maxlen=k)
+
+    def _reload_config(self) -> None:
+        log.info("SIGHUP: reloading %s", self.cfg.path)
+        self.obs.on_reloading()
+        try:
+            if not self.cfg.path:
+                raise ConfigError("the agent was not started from a config file")
+            new = load_config(self.cfg.path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            self._report("config", PayloadError("config_invalid", f"reload refused: {e}"))
+        else:
+            self._apply_config(new)
+            try:
+                self._load_bundle(self.cfg.bundle.dir, "config reload", from_config=True)
+            except PayloadError as e:
+                self._report("config", e)
+        self.obs.on_reloaded(self.model.version)
+        self._update_status()
+
+    def _apply_config(self, new: Config) -> None:
+        old = self.cfg
+        fixed = [n for n in ("topic_prefix", "state_dir", "broker", "metrics") if getattr(new, n) != getattr(old, n)]
+        for n in ("topic_prefix", "state_dir", "broker", "metrics"):
+            setattr(new, n, getattr(old, n))
+        if new.limits.queue_size != old.limits.queue_size:
+            fixed.append("limits.queue_size")
+            new.limits.queue_size = old.limits.queue_size
+        if fixed:
+            log.warning("reload: %s changed; applied at the next restart", ", ".join(fixed))
+        new.path = old.path
+        self.cfg = new
+        logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+        self.state.recent_limit, self.state.pending_limit = new.limits.recent_ids, new.limits.pending_samples
+        k = min(new.adaptation.support_size or self.model.recommended_k, self.model.max_support)
+        if k != self.k:
+            self._resize_support(k)
+        if self.bundles is not None:
+            self.bundles.set_trust(new.bundle.public_key, new.bundle.allow_unsigned, new.bundle.keep)
+        self._next_watch = 0.0
+        log.info("configuration reloaded")
+
+    def _poll_watch_dir(self) -> None:
+        """New bundle directories in bundle.watch_dir: each is handled once, after it stopped changing
+        for one poll (so a half-copied bundle is not even looked at). Dot-names are ignored: copy to
+        `.name` and rename to make a drop atomic."""
+        b = self.cfg.bundle
+        self._next_watch = time.monotonic() + b.watch_interval
+        if self.bundles is None:
+            return
+        try:
+            entries = [e for e in os.scandir(b.watch_dir) if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+        except OSError as e:
+            if self._watch_seen.get("") != str(e):
+                log.warning("bundle.watch_dir %s: %s", b.watch_dir, e.strerror or e)
+                self._watch_seen[""] = str(e)
+            return
+        self._watch_seen.pop("", None)
+        done = self.bundles.meta["watched"]
+        def mtime(e):
+            try:
+                return e.stat(follow_symlinks=False).st_mtime_ns
+            except OSError:  # removed meanwhile
+                return 0
+
+        for e in sorted(entries, key=lambda e: (mtime(e), e.name)):
+            sig = _dir_signature(e.path)
+            if sig is None or done.get(e.name) == sig:
+                continue
+            if self._watch_seen.get(e.name) != sig:
+                self._watch_seen[e.name] = sig  # act on the next poll if it is still the same
+                continue
+            del self._watch_seen[e.name]
+            try:
+                self._load_bundle(e.path, f"watch_dir {e.name}")
+            except PayloadError as err:
+                self._report("watch", err)
+            self.bundles.note(watched=(e.name, sig))
+
+
+def _dir_signature(path: str) -> str | None:
+    """Names, sizes and mtimes of a directory's files; None without a manifest.json (not a bundle yet)."""
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        return None
+    parts = []
+    for root, _dirs, names in os.walk(path):
+        for n in sorted(names):
+            try:
+                st = os.lstat(os.path.join(root, n))
+            except OSError:
+                continue
+            parts.append(f"{os.path.relpath(os.path.join(root, n), path)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(sorted(parts))

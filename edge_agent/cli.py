@@ -25,7 +25,9 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 
 class SyslogPrefixFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+        # Every line, tracebacks included: journald reads each stdout line as its own entry.
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
 def setup_logging(level: str = "info") -> None:
@@ -89,23 +91,62 @@ def main(argv: list[str] | None = None) -> int:
 def _run(config_path: str) -> int:
     from .agent import Agent
     from .config import load_config
-    from .model import Model, load_manifest
     from .observer import Observers
+    from .state import Store
 
     cfg = load_config(config_path)
     setup_logging(cfg.log_level)
-    manifest = load_manifest(cfg.bundle.dir, cfg.bundle.public_key, cfg.bundle.allow_unsigned)
-    model = Model(cfg.bundle.dir, manifest)
+    # SIGHUP before start-up finished must not kill us (its default action); it is handled once running.
+    reload_early = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload_early.append(signum))
+    store = Store(cfg.state_dir)  # the lock first: a second agent must not touch our bundles
+    try:
+        model, bundles = _startup_model(cfg)
+    except BaseException:
+        store.close()
+        raise
     observers = Observers([_metrics(cfg), _plugin("edge_agent.sdnotify", cfg)])
-    agent = Agent(cfg, model, observers)
+    agent = Agent(cfg, model, observers, store=store, bundles=bundles)
 
     def stop(signum, frame):
         log.info("received %s", signal.Signals(signum).name)
         agent.request_stop()
 
+    def reload(signum, frame):
+        agent.request_reload()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+    if reload_early:
+        agent.request_reload()
     return agent.run()
+
+
+def _startup_model(cfg):
+    """The configured bundle must verify (else exit 3). If it is the one recorded at the last
+    activation from the config, the last activated bundle (hot reload, rollback) comes back instead."""
+    from .bundles import BundleStore
+    from .model import Model
+
+    bundles = BundleStore(cfg.state_dir, cfg.bundle.public_key, cfg.bundle.allow_unsigned, cfg.bundle.keep)
+    d, manifest = bundles.install(cfg.bundle.dir)
+    version = str(manifest["model_version"])
+    active = bundles.active
+    if active and active != version and bundles.meta.get("config_version") == version:
+        try:
+            ad, am = bundles.open_installed(active)
+            model = Model(str(ad), am)
+            model.dry_run()
+            log.info("model %s: the last activated bundle (configured: %s)", active, version)
+            return model, bundles
+        except Exception as e:  # noqa: BLE001 - fall back to the configured bundle
+            log.error("last activated bundle %s unusable (%s); starting with the configured %s", active, e, version)
+    model = Model(str(d), manifest)
+    model.dry_run()
+    if active != version or bundles.meta.get("config_version") != version:
+        bundles.activated(version, config_version=version)
+    return model, bundles
 
 
 def _metrics(cfg):

@@ -49,6 +49,11 @@ class Bundle:
     dir: str = ""
     public_key: Optional[str] = None
     allow_unsigned: bool = False
+    # Hot reload: each new sub-directory of watch_dir holding a bundle is verified, test-loaded and
+    # activated (polled from the main loop every watch_interval seconds). None: no watching.
+    watch_dir: Optional[str] = None
+    watch_interval: float = 5.0
+    keep: int = 5  # installed bundles kept in <state_dir>/bundles (the depth of `rollback`)
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Limits:
     recent_ids: int = 20_000  # sample ids remembered to ignore redeliveries (~100 bytes each)
     pending_samples: int = 10_000  # unlabelled samples kept for labels that arrive later
     batch_size: int = 256  # messages processed per durable commit
+    resend_predictions: int = 2000  # confirmed predictions kept in memory, re-sent if their sample is re-published
 
 
 @dataclass
@@ -184,6 +190,8 @@ def _check(cfg: Config) -> None:
     need(bool(cfg.bundle.dir), "bundle.dir", "required")
     need(cfg.bundle.allow_unsigned or bool(cfg.bundle.public_key), "bundle.public_key",
          "required unless bundle.allow_unsigned is true")
+    need(cfg.bundle.watch_interval > 0, "bundle.watch_interval", "must be > 0")
+    need(cfg.bundle.keep >= 2, "bundle.keep", "must be >= 2 (the active bundle and one to roll back to)")
     b = cfg.broker
     need(1 <= b.port <= 65535, "broker.port", f"must be 1..65535, got {b.port}")
     need(b.keepalive >= 5, "broker.keepalive", "must be >= 5 seconds")
@@ -205,6 +213,7 @@ def _check(cfg: Config) -> None:
     need(lim.recent_ids >= 1, "limits.recent_ids", "must be >= 1")
     need(lim.pending_samples >= 1, "limits.pending_samples", "must be >= 1")
     need(lim.batch_size >= 1, "limits.batch_size", "must be >= 1")
+    need(lim.resend_predictions >= 0, "limits.resend_predictions", "must be >= 0")
     need(1 <= cfg.metrics.port <= 65535, "metrics.port", "must be 1..65535")
 
 
@@ -215,6 +224,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.state_dir = res(cfg.state_dir)
     cfg.bundle.dir = res(cfg.bundle.dir)
     cfg.bundle.public_key = res(cfg.bundle.public_key)
+    cfg.bundle.watch_dir = res(cfg.bundle.watch_dir)
     cfg.broker.password_file = res(cfg.broker.password_file)
     if cfg.broker.tls is not None:
         t = cfg.broker.tls

@@ -94,6 +94,21 @@ class Model:
             raise FloatingPointError("adaptation produced a non-finite or mis-shaped state")
         return state
 
+    def dry_run(self) -> None:
+        """Test-load: adapt on a zero support set and predict zeros; BundleError unless both work and
+        give finite, well-shaped outputs. Run before a bundle replaces the one serving."""
+        x = np.zeros((2,) + self.input_shape, np.float32)
+        y = np.zeros(2, self._y_dtype)
+        try:
+            state = self.adapt(x, y)
+            for s in (self.init_state, state):
+                out = np.asarray(self.predict(s, x))
+                want = (2,) if self.task_kind == "regression" else (2, len(self.class_names or []))
+                if out.shape != want or not np.all(np.isfinite(out)):
+                    raise FloatingPointError(f"predict gave {out.dtype}{list(out.shape)}, expected finite {list(want)}")
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; all mean "unusable"
+            raise BundleError(f"test run on zeros failed: {e}") from e
+
     def predict(self, state: np.ndarray, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape((-1,) + self.input_shape)
         return self._predict.run([self._predict_out], {"state": state, "x": x})[0]

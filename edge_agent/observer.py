@@ -55,6 +55,19 @@ class Observer:
     def on_stopping(self) -> None:
         """Shutdown began (SIGTERM/SIGINT)."""
 
+    def on_status(self, text: str) -> None:
+        """One-line state for humans ("online, model X, 3 contexts", "reconnecting"); worker thread,
+        called when it changes."""
+
+    def on_reloading(self) -> None:
+        """A reload (SIGHUP) began."""
+
+    def on_reloaded(self, model_version: str) -> None:
+        """The reload finished (applied or refused: the agent serves again either way)."""
+
+    def on_model(self, model_version: str) -> None:
+        """Another model now serves (hot reload, rollback)."""
+
 
 class Observers(Observer):
     def __init__(self, observers: list[Observer] | None = None):
@@ -82,18 +95,31 @@ for _name in [n for n in vars(Observer) if n.startswith("on_")]:
 
 
 class SystemdObserver(Observer):
-    """READY=1 once serving, WATCHDOG=1 from the worker loop (so a wedged worker gets restarted),
-    STOPPING=1 on shutdown. No-ops without $NOTIFY_SOCKET."""
+    """READY=1 once serving (bundle loaded, broker connected), WATCHDOG=1 from the worker loop only
+    (so a wedged worker gets restarted), STATUS= on changes, RELOADING=1 ... READY=1 around a SIGHUP
+    reload, STOPPING=1 on shutdown. No-ops without $NOTIFY_SOCKET. Every call comes from the main loop."""
 
     def __init__(self, sdnotify_module):
         self.notifier = sdnotify_module.Notifier()
         self.watchdog = sdnotify_module.Watchdog(self.notifier)
+        self._ready = False
 
     def on_start(self, model_version: str) -> None:
-        self.notifier.ready(f"serving model {model_version}")
+        self._ready = True
+        self.notifier.ready(f"online, model {model_version}")
 
     def on_tick(self) -> None:
-        self.watchdog.tick()
+        if self._ready:  # systemd arms the watchdog at READY=1; TimeoutStartSec covers the start
+            self.watchdog.tick()
+
+    def on_status(self, text: str) -> None:
+        self.notifier.status(text)
+
+    def on_reloading(self) -> None:
+        self.notifier.reloading()
+
+    def on_reloaded(self, model_version: str) -> None:
+        self.notifier.ready(f"online, model {model_version}")
 
     def on_stopping(self) -> None:
         self.notifier.stopping()
@@ -124,6 +150,9 @@ class MetricsObserver(Observer):
     def on_connect(self, reconnect: bool) -> None:
         if reconnect:
             self.m.on_reconnect()
+
+    def on_model(self, model_version: str) -> None:
+        self.m.set_model_version(model_version)
 
     def on_stopping(self) -> None:
         self.m.stop_server()

@@ -2,7 +2,8 @@
 
 Reason codes are part of the protocol (dashboards count them): bad_json, bad_payload, feature_count,
 unknown_feature, missing_feature, non_finite, bad_label, unknown_sample_id, bad_context, oversized,
-queue_full.
+queue_full (and, from the agent: bad_command, bundle_refused, rollback_unavailable, config_invalid,
+internal_error, adapt_failed, model_error).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def decode(payload: bytes) -> dict:
         obj = json.loads(payload.decode("utf-8"))  # decoding first skips json's encoding sniffing
     except (ValueError, UnicodeDecodeError) as e:
         raise PayloadError("bad_json", f"payload is not JSON: {e}") from None
+    except RecursionError:  # json's C decoder recurses per nesting level: "[[[[..." would kill the worker
+        raise PayloadError("bad_json", "payload is nested too deeply") from None
     if not isinstance(obj, dict):
         raise PayloadError("bad_json", f"payload must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -119,7 +122,7 @@ warnings.filterwarnings("ignore", message="overflow encountered in cast", catego
 def _to_array(v: Any, sid: str | None) -> np.ndarray:
     try:
         return np.asarray(v, dtype=np.float32)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise PayloadError("bad_payload", "features must be numbers (or equal-length arrays of numbers)", sid) from None
 
 

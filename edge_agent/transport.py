@@ -30,7 +30,7 @@ from .observer import Observer
 
 log = logging.getLogger(__name__)
 
-INPUT_TOPICS = ("samples", "labels", "context")  # subscribed with QoS 1 under the topic prefix
+INPUT_TOPICS = ("samples", "labels", "context", "commands")  # subscribed with QoS 1 under the topic prefix
 
 
 def default_client_id(cfg: Config) -> str:
@@ -42,7 +42,7 @@ class MqttTransport:
     def __init__(
         self,
         cfg: Config,
-        deliver: Callable[[str, bytes, int, int, int], None],
+        deliver: Callable[..., None],
         online_payload: Callable[[], bytes],
         offline_payload: Callable[[], bytes],
         observer: Observer | None = None,
@@ -126,8 +126,14 @@ class MqttTransport:
         self.client.loop_stop()
 
     # -- used by the worker thread ---------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, resent: bool = False) -> int:
+        props = None
+        if resent and self.cfg.broker.protocol == "5":
+            # A copy of a prediction published before (outbox after a restart, or a re-published
+            # sample): marked for consumers, next to the stable `id` (docs/protocol.md).
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = ("resent", "1")
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             # 65535 unconfirmed publishes (packet ids exhausted): the message stays in the outbox
             # and is re-sent at the next start.
@@ -178,7 +184,7 @@ class MqttTransport:
             self._obs.on_disconnect()
 
     def _on_message(self, client, userdata, msg):
-        self._deliver(msg.topic, msg.payload, msg.mid, msg.qos, self.gen)
+        self._deliver(msg.topic, msg.payload, msg.mid, msg.qos, self.gen, bool(msg.dup))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         self.published.append((mid, not reason_code.is_failure))

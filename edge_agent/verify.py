@@ -65,7 +65,10 @@ def verify_bundle(bundle_dir, public_key_path=None, allow_unsigned: bool = False
     elif public_key_path is not None:
         # A key was configured, so the operator expects signed bundles; unsigned is still allowed
         # explicitly, but say so loudly.
-        print(f"warning: bundle {bundle} is unsigned; accepted because of --allow-unsigned", file=sys.stderr)
+        # Logged, not printed: under the agent it becomes a <4> line like every other (journald levels).
+        import logging
+
+        logging.getLogger(__name__).warning("bundle %s is unsigned; accepted because of allow_unsigned", bundle)
 
     manifest = _parse_manifest(manifest_bytes)
     files = manifest["files"]
