@@ -54,9 +54,9 @@ class QualityOptions:
     optimum_margin: float = 0.1
     gain_min: float = 0.5
     gain_max: float = 2.0
-    curvature_min: float = 0.5
-    curvature_max: float = 1.5
-    interaction_max: float = 0.8
+    curvature_min: float = 0.8
+    curvature_max: float = 1.2
+    interaction_max: float = 0.5
     sensor_offset_max: float = 8.0
     gauge_offset_max: float = 1.0
     features: list[str] = field(default_factory=lambda: list(FEATURES))
@@ -141,7 +141,7 @@ class QualitySource:
                 "class_names": None, "units": dict(UNITS), "ranges": {k: list(v) for k, v in RANGES.items()}}
 
 
-def test_task_id(seed: int) -> int:
+def unseen_task_id(seed: int) -> int:
     """The task id of `--seed` in the test stream (deterministic, never a training task)."""
     return task_ids("test", 1, torch.Generator().manual_seed(int(seed)))[0]
 
@@ -156,7 +156,7 @@ def write_task_file(path: str | Path, n: int, seed: int, opts: QualityOptions | 
     if n < 1:
         raise ValueError("n must be >= 1")
     source = QualitySource(opts or QualityOptions())
-    tid = test_task_id(seed)
+    tid = unseen_task_id(seed)
     params = source.task_params([tid])[0]
     gen = torch.Generator().manual_seed(int(seed) + 1)
     x = source._settings(1, n, gen)

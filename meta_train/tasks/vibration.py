@@ -141,7 +141,8 @@ class VibrationSource:
             sev = m["severity"].gather(1, (cls.clamp_min(1) - 1)[:, None])[:, 0]
             amp = sev * (0.3 + 0.7 * m["load"]) * faulty.double()
             amp = amp * torch.where(cls == 2, torch.ones_like(amp), m["path"])
-            modulation = 1 + m["mod"][:, None] * torch.cos(2 * math.pi * f_mod[:, None] * (times - tail / fs) + 2 * math.pi * rnd(n, 1))
+            depth = torch.where(cls == 2, torch.zeros_like(m["mod"]), m["mod"])  # outer race: stationary defect
+            modulation = 1 + depth[:, None] * torch.cos(2 * math.pi * f_mod[:, None] * (times - tail / fs) + 2 * math.pi * rnd(n, 1))
             a_k = amp[:, None] * modulation * (0.9 + 0.2 * rnd(n, k_max))
             pos = (times * fs).round().long()
             keep = pos < length
