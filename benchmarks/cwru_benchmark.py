@@ -11,7 +11,7 @@ run one after the other, or interrupted and resumed); OUT/cwru.md is rewritten f
 Per (protocol, source -> target): meta-train with the real trainer (configs/cwru.yaml + overrides), then
 evaluate on `--episodes` target-load test episodes, 1- and 5-shot, 15 query windows per class, recording
 accuracy after 0..100 inner steps. Training and evaluation compute each window's Spectrum once
-(featurize_everything below: the same function, without recomputing a parameter-free first layer at every
+(`feature_source`, passed to `train` and `evaluate`: the same function, without recomputing a parameter-free first layer at every
 inner step).
 Baselines (scratch and pretrain + fine-tune) are adapted by the same inner loop for up to 100 steps at
 every fine-tune rate in --baseline-lrs; the table shows, per K and step budget, the best rate *on the test
@@ -37,8 +37,6 @@ from meta_train.config import ALGORITHMS, BaselineConfig, EvalConfig, load_confi
 from meta_train.evaluate import evaluate  # noqa: E402
 from meta_train.tasks import build_source  # noqa: E402
 from meta_train.tasks.cwru import default_data_dir  # noqa: E402
-import meta_train.evaluate as evaluate_module  # noqa: E402
-import meta_train.train as train_module  # noqa: E402
 from meta_train.tasks.featurized import FeatureSource  # noqa: E402
 from meta_train.train import train  # noqa: E402
 from meta_train.trained import load_trained  # noqa: E402
@@ -46,33 +44,6 @@ from meta_train.trained import load_trained  # noqa: E402
 ALL_PAIRS = [(s, t) for s in range(4) for t in range(4) if s != t]
 REPORT_STEPS = (10, 100)
 PUBLISHED = "Feng et al. (KBS 235, 2022), load 3 -> 0, 10-way: MAML 95.8 % (5-shot) / 87.4 % (1-shot); CNN + fine-tuning 75.9 % / 48.0 %"
-
-
-def featurize_everything() -> None:
-    """Meta-train and evaluate on Spectrum features computed once per window.
-
-    The Spectrum is a parameter-free first layer, so training g on transform(x) is training f = g o transform
-    on x: the same function and gradients (up to float rounding); only the per-step recomputation goes.
-    (A product run keeps the transform inside the model: `meta-train train --config configs/cwru.yaml`.)
-    """
-    original_build = train_module.build_source
-    train_module.build_source = lambda cfg: feature_source(original_build(cfg))
-    memoise_pretrain()
-
-
-def memoise_pretrain() -> None:
-    """The pretrained baseline network does not depend on the fine-tune rate: train it once per source."""
-    original_pretrain = evaluate_module.pretrain_params
-    memo = {}
-
-    def pretrain_once(spec, source, iterations, batch, lr, seed):
-        key = (json.dumps(spec, sort_keys=True), id(source), iterations, batch, lr, seed)
-        if key not in memo:
-            memo.clear()
-            memo[key] = original_pretrain(spec, source, iterations, batch, lr, seed)
-        return memo[key]
-
-    evaluate_module.pretrain_params = pretrain_once
 
 
 def feature_source(source):
@@ -128,7 +99,9 @@ def run(args) -> None:
                     continue
                 cfg = load_config(args.config, base + [f"algorithm.name={alg}"])
                 t0 = time.time()
-                train(cfg, run_dir)
+                # The Spectrum is a parameter-free first layer: training on features computed once per
+                # window is the same function as training on raw windows, without per-step recomputation.
+                train(cfg, run_dir, source=feature_source(build_source(dict(cfg.task))))
                 train_s = time.time() - t0
                 trained = load_trained(run_dir)
                 fs = feature_source(build_source(dict(trained.config.task)))
@@ -145,14 +118,15 @@ def run(args) -> None:
                     first_run = Path(args.work) / f"{protocol}_{s}to{t}_maml"
                     if not (first_run / "checkpoint.pt").exists():
                         cfg = load_config(args.config, base + ["algorithm.name=maml", "train.iterations=1"])
-                        train(cfg, first_run)
+                        train(cfg, first_run, source=feature_source(build_source(dict(cfg.task))))
                 trained = load_trained(first_run)
                 fs = feature_source(build_source(dict(trained.config.task)))
                 per = {"scratch": {}, "pretrain": {}}
+                pretrained = {}  # one pretrained network serves every fine-tune rate
                 t0 = time.time()
                 for lr in [float(v) for v in args.baseline_lrs.split(",")]:
                     bcfg = replace(BaselineConfig(**trained.config.baselines.__dict__), finetune_lr=lr)
-                    res = evaluate(trained, fs, ecfg, bcfg, which=("scratch", "pretrain"))
+                    res = evaluate(trained, fs, ecfg, bcfg, which=("scratch", "pretrain"), pretrain_cache=pretrained)
                     for m in per:
                         per[m][str(lr)] = summary(res, m)
                 for m in per:
@@ -184,6 +158,9 @@ def markdown(store: dict) -> str:
     lines = ["# CWRU cross-load few-shot fault diagnosis", "",
              "Generated by `benchmarks/cwru_benchmark.py` (numbers: `docs/results/cwru.json`). Commands run, in order:", ""]
     lines += [f"    .venv/bin/python {c}" for c in store["commands"]] + [""]
+    if any("--merge-from" in c for c in store["commands"]):
+        lines += ["(Sweeps with `--out /tmp/...` ran in parallel, each into its own store, and were merged with "
+                  "`--merge-from`.)", ""]
     lines += ["Accuracy (%) on the target load, mean ± 95 % CI over the test episodes (15 query windows per class),",
               "after 10 and after 100 inner gradient steps on the support set. Meta-learned methods use their",
               "learned initialisation and inner rates (trained with 5 steps); baselines use the fine-tune rate that is",
@@ -223,6 +200,8 @@ def markdown(store: dict) -> str:
                         cells.append("–")
                 lines.append(f"| {k.split(':')[1]} | " + " | ".join(cells) + " |")
             lines.append("")
+    if store.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in store["notes"]] + [""]
     trains = [m["train_s"] for e in entries.values() for m in e["methods"].values() if "train_s" in m]
     evals = [m["eval_s"] for e in entries.values() for m in e["methods"].values() if "eval_s" in m]
     if trains:
@@ -260,13 +239,13 @@ def main(argv=None) -> int:
             for key, entry in other["entries"].items():
                 store["entries"].setdefault(key, {"methods": {}})["methods"].update(entry["methods"])
             store["commands"] += [c for c in other["commands"] if c not in store["commands"]]
+            store["commands"].append(" ".join(["benchmarks/cwru_benchmark.py"] + (argv if argv is not None else sys.argv[1:])))
             path.write_text(json.dumps(store, indent=1))
         (Path(args.out) / "cwru.md").write_text(markdown(store))
         return 0
     if not args.data_dir:
         p.error("--data-dir is required (or set CWRU_DATA)")
     args.data_dir = str(Path(args.data_dir).resolve())
-    featurize_everything()
     run(args)
     return 0
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from meta_train.config import EvalConfig, load_config  # noqa: E402
+from meta_train.config import load_config  # noqa: E402
 from meta_train.evaluate import evaluate  # noqa: E402
 from meta_train.tasks import build_source  # noqa: E402
 from meta_train.tasks.featurized import featurized  # noqa: E402
@@ -36,7 +36,6 @@ from meta_train.train import train  # noqa: E402
 from meta_train.trained import load_trained  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import cwru_benchmark as cb  # noqa: E402
 
 STEPS = (1, 5, 10, 100)
 LRS = {"quality": "0.003,0.01,0.03", "vibration": "0.03,0.1,0.3"}
@@ -59,9 +58,10 @@ def run_family(name: str, args) -> dict:
     t0 = time.time()
     res = evaluate(trained, source, ecfg, trained.config.baselines, which=("meta",))
     out["methods"]["meta"] = {k: _entry(per["meta"], metric) for k, per in res["by_shots"].items()}
+    pretrained = {}  # one pretrained network serves every fine-tune rate
     for lr in [float(v) for v in (args.baseline_lrs or LRS[name]).split(",")]:
         bcfg = replace(trained.config.baselines, finetune_lr=lr)
-        res = evaluate(trained, source, ecfg, bcfg, which=("scratch", "pretrain"))
+        res = evaluate(trained, source, ecfg, bcfg, which=("scratch", "pretrain"), pretrain_cache=pretrained)
         for m in ("scratch", "pretrain"):
             out["methods"].setdefault(m, {"by_lr": {}})["by_lr"][str(lr)] = {
                 k: _entry(per[m], metric) for k, per in res["by_shots"].items()}
@@ -125,7 +125,6 @@ def main(argv=None) -> int:
     p.add_argument("set", nargs="*", help="config overrides for every family, e.g. train.iterations=100")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cb.memoise_pretrain()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "families.json"

@@ -46,7 +46,8 @@ def summarise(values: torch.Tensor) -> dict:
             "diverged": int((~torch.isfinite(values)).sum())}
 
 
-def methods_for(trained: Trained, source, baselines: BaselineConfig, which: list[str]) -> dict:
+def methods_for(trained: Trained, source, baselines: BaselineConfig, which: list[str],
+                pretrain_cache: dict | None = None) -> dict:
     inner = trained.algorithm.inner
     finetune_inner = replace(inner, lr=baselines.finetune_lr or inner.lr, lr_mode="fixed", learn_lr=False, head_only=False)
     methods = {}
@@ -56,17 +57,24 @@ def methods_for(trained: Trained, source, baselines: BaselineConfig, which: list
         p = scratch_params(trained.spec, trained.config.seed + 7919)
         methods["scratch"] = (p, init_inner_lrs(p, finetune_inner), finetune_inner)
     if "pretrain" in which:
-        p = pretrain_params(trained.spec, source, baselines.pretrain_iterations, baselines.pretrain_batch,
-                            baselines.pretrain_lr, trained.config.seed + 104729)
+        # The pretrained network does not depend on the fine-tune rate: a caller sweeping rates passes a cache.
+        key = (baselines.pretrain_iterations, baselines.pretrain_batch, baselines.pretrain_lr, trained.config.seed)
+        if pretrain_cache is not None and key in pretrain_cache:
+            p = pretrain_cache[key]
+        else:
+            p = pretrain_params(trained.spec, source, baselines.pretrain_iterations, baselines.pretrain_batch,
+                                baselines.pretrain_lr, trained.config.seed + 104729)
+            if pretrain_cache is not None:
+                pretrain_cache[key] = p
         methods["pretrain"] = (p, init_inner_lrs(p, finetune_inner), finetune_inner)
     return methods
 
 
 @torch.no_grad()
 def evaluate(trained: Trained, source, ecfg: EvalConfig, baselines: BaselineConfig,
-             which=("meta", "scratch", "pretrain"), split: str = "test") -> dict:
+             which=("meta", "scratch", "pretrain"), split: str = "test", pretrain_cache: dict | None = None) -> dict:
     classification = source.kind == "classification"
-    methods = methods_for(trained, source, baselines, list(which))
+    methods = methods_for(trained, source, baselines, list(which), pretrain_cache)
     max_steps = max(ecfg.steps)
     results = {"kind": source.kind, "split": split, "tasks": ecfg.tasks, "query": ecfg.query,
                "steps": list(ecfg.steps), "algorithm": trained.algorithm.name, "by_shots": {}}

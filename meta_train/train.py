@@ -96,8 +96,12 @@ def _leaves(params: dict, lrs: dict) -> list[torch.Tensor]:
     return list(params.values()) + [r for r in lrs.values() if r.requires_grad]
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations: int | None = None) -> Path:
-    """Meta-train according to `cfg`; write checkpoint.pt and metrics.jsonl into `out_dir`."""
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations: int | None = None,
+          source=None) -> Path:
+    """Meta-train according to `cfg`; write checkpoint.pt and metrics.jsonl into `out_dir`.
+
+    `source` replaces the one `cfg.task` describes (benchmarks pass a feature-caching wrapper of it).
+    """
     out_dir = Path(out_dir)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -107,7 +111,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
         raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} must divide by the {ddp.world} processes")
 
     torch.manual_seed(cfg.seed)
-    source = build_source(cfg.task)
+    source = build_source(cfg.task) if source is None else source
     spec = model_spec(cfg, source)
     model = build_model(spec).to(device)
     alg: Algorithm = resolve(cfg.algorithm, source.loss)

@@ -1,4 +1,4 @@
-"""Small helpers shared by the task sources: split seed streams and N-way K-shot episode assembly."""
+"""Small helpers shared by the task sources: split seed streams and per-task parameter hashing."""
 
 from __future__ import annotations
 
@@ -22,12 +22,6 @@ def task_ids(split: str, batch: int, generator: torch.Generator) -> list[int]:
     return [int(i) + k * _STREAM for i in ids]
 
 
-def task_generator(seed: int, task_id: int) -> torch.Generator:
-    """A generator that depends only on (source seed, task id): a task is the same whoever draws it."""
-    mixed = (int(seed) * 0x9E3779B97F4A7C15 + int(task_id) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 63)
-    return torch.Generator().manual_seed(mixed)
-
-
 def task_uniforms(seed: int, ids, n: int) -> torch.Tensor:
     """[len(ids), n] float64 uniforms in [0, 1), a pure function of (seed, task id, j): splitmix64 hashing,
     vectorised, so a task's parameters never depend on which batch or split-mates it was drawn with."""
@@ -42,12 +36,3 @@ def task_uniforms(seed: int, ids, n: int) -> torch.Tensor:
             x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             x = x ^ (x >> np.uint64(31))
         return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)))
-
-
-def uniform(lo: float, hi: float, generator: torch.Generator, shape=()) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=torch.float64)
-
-
-def shuffled_labels(n_way: int, generator: torch.Generator) -> torch.Tensor:
-    """Episode label of each of the episode's classes: a fresh permutation per episode."""
-    return torch.randperm(n_way, generator=generator)
