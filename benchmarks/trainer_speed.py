@@ -62,7 +62,7 @@ from meta_train.config import AlgorithmConfig, Config  # noqa: E402
 from meta_train.inner import init_inner_lrs  # noqa: E402
 from meta_train.model import build_model, init_params  # noqa: E402
 from meta_train.tasks.sinusoid import SinusoidOptions, SinusoidSource  # noqa: E402
-from meta_train.train import _leaves, meta_lr_at  # noqa: E402
+from meta_train.train import _leaves, meta_lr_at, meta_step  # noqa: E402
 
 HIDDEN = [40, 40]
 SHOTS = QUERY = 10
@@ -150,27 +150,9 @@ class Ours(Impl):
         return [param_grads[n] for n in self.params]
 
     def iteration(self):
-        # Mirrors meta_train/train.py's loop; the DDP average is a no-op at world size 1.
-        cfg, params, lrs = self.cfg, self.params, self.lrs
-        batch = self.sample().shard(0, 1)
-        loss, param_grads, lr_grads = self.gradient(batch)
-        grads = [param_grads[n] for n in params] + [lr_grads[n] for n in lrs if lrs[n].requires_grad]
-        loss_buf = loss.detach().reshape(1).clone()
-        float(loss_buf)
-        if cfg.train.grad_clip > 0:  # one foreach norm over all gradients, not one reduction per tensor
-            total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-            scale = min(1.0, cfg.train.grad_clip / (float(total) + 1e-12))
-        else:
-            scale = 1.0
-        for leaf, g in zip(_leaves(params, lrs), grads):  # the gradients are fresh tensors: no copy unless scaled
-            leaf.grad = g * scale if scale < 1.0 else g
-        for group in self.optimizer.param_groups:
-            group["lr"] = meta_lr_at(cfg, self.it)
-        self.optimizer.step()
-        with torch.no_grad():
-            for r in lrs.values():
-                if r.requires_grad:
-                    r.clamp_(min=0.0)
+        # The trainer's own outer update (meta_train.train.meta_step); no DDP at world size 1.
+        meta_step(self.model, self.alg, self.params, self.lrs, self.optimizer, self.sample().shard(0, 1), self.it,
+                  self.cfg, fast=self.fast)
         self.it += 1
 
 

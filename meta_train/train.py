@@ -96,6 +96,34 @@ def _leaves(params: dict, lrs: dict) -> list[torch.Tensor]:
     return list(params.values()) + [r for r in lrs.values() if r.requires_grad]
 
 
+def meta_step(model, alg: Algorithm, params: dict, lrs: dict, optimizer, batch, iteration: int, cfg: Config,
+              ddp: "Distributed | None" = None, fast: bool | None = None) -> float:
+    """One outer update: meta-gradient, average over processes, clip, Adam step. Returns the meta-loss.
+
+    The benchmark in benchmarks/trainer_speed.py times exactly this function.
+    """
+    loss, param_grads, lr_grads = meta_gradient(model, alg, params, lrs, batch, iteration, fast=fast)
+    grads = [param_grads[n] for n in params] + [lr_grads[n] for n in lrs if lrs[n].requires_grad]
+    loss_buf = loss.detach().reshape(1).clone()
+    if ddp is not None:
+        ddp.average(grads + [loss_buf])
+    if cfg.train.grad_clip > 0:  # one foreach norm over all gradients, not one reduction per tensor
+        total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        scale = min(1.0, cfg.train.grad_clip / (float(total) + 1e-12))
+    else:
+        scale = 1.0
+    for leaf, g in zip(_leaves(params, lrs), grads):  # the gradients are fresh tensors: no copy unless scaled
+        leaf.grad = g * scale if scale < 1.0 else g
+    for group in optimizer.param_groups:
+        group["lr"] = meta_lr_at(cfg, iteration)
+    optimizer.step()
+    with torch.no_grad():  # a learned inner rate may not turn into gradient ascent
+        for r in lrs.values():
+            if r.requires_grad:
+                r.clamp_(min=0.0)
+    return float(loss_buf)
+
+
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations: int | None = None,
           source=None) -> Path:
     """Meta-train according to `cfg`; write checkpoint.pt and metrics.jsonl into `out_dir`.
@@ -158,25 +186,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
     for iteration in range(start, stop):
         batch = source.sample("train", cfg.train.meta_batch, cfg.train.shots, cfg.train.query, task_gen)
         batch = batch.shard(ddp.rank, ddp.world).to(device)
-        loss, param_grads, lr_grads = meta_gradient(model, alg, params, lrs, batch, iteration)
-        grads = [param_grads[n] for n in params] + [lr_grads[n] for n in lrs if lrs[n].requires_grad]
-        loss_buf = loss.detach().reshape(1).clone()
-        ddp.average(grads + [loss_buf])
-        loss_value = float(loss_buf)
-        if cfg.train.grad_clip > 0:  # one foreach norm over all gradients, not one reduction per tensor
-            total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-            scale = min(1.0, cfg.train.grad_clip / (float(total) + 1e-12))
-        else:
-            scale = 1.0
-        for leaf, g in zip(_leaves(params, lrs), grads):  # the gradients are fresh tensors: no copy unless scaled
-            leaf.grad = g * scale if scale < 1.0 else g
-        for group in optimizer.param_groups:
-            group["lr"] = meta_lr_at(cfg, iteration)
-        optimizer.step()
-        with torch.no_grad():  # a learned inner rate may not turn into gradient ascent
-            for r in lrs.values():
-                if r.requires_grad:
-                    r.clamp_(min=0.0)
+        loss_value = meta_step(model, alg, params, lrs, optimizer, batch, iteration, cfg, ddp)
         running = loss_value if running is None else 0.98 * running + 0.02 * loss_value
         done = iteration + 1
         progress.update(done, running)
