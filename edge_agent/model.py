@@ -19,7 +19,8 @@ def load_manifest(bundle_dir: str, public_key: str | None, allow_unsigned: bool)
     return verify_bundle(bundle_dir, public_key_path=public_key, allow_unsigned=allow_unsigned)
 
 
-def _session(path: Path):
+def ort_session(path: Path):
+    """The device's onnxruntime settings; the exporter proves parity with exactly these."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -63,8 +64,8 @@ class Model:
                 f"init_state.npy is {init.dtype}{list(init.shape)}, manifest says float32[{self.state_size}]"
             )
         self.init_state = init
-        self._adapt = _session(d / "adapt.onnx")
-        self._predict = _session(d / "predict.onnx")
+        self._adapt = ort_session(d / "adapt.onnx")
+        self._predict = ort_session(d / "predict.onnx")
         self._check_signatures()
         self._y_dtype = np.int64 if self.task_kind == "classification" else np.float32
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
+from edge_agent.model import ort_session  # parity is proven under the device's own session settings
 from meta_train.trained import load_trained
 
 from . import manifest as manifest_mod
@@ -35,17 +35,6 @@ class Exported:
     path: Path
     manifest: dict
     signed: bool
-
-
-def ort_session(path: Path) -> ort.InferenceSession:
-    # The device's settings (edge_agent/model.py): single thread, full graph optimisation.
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def _backends(work: Path, script_module) -> dict:

@@ -6,25 +6,19 @@ Only `cryptography` is needed here, so keygen works without torch.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+# The hash the manifest records is computed by the very function the device checks it with.
+from edge_agent.verify import file_sha256  # noqa: F401  (re-exported for export.manifest and tests)
+
 PRIVATE_KEY_NAME = "signing_key.pem"
 PUBLIC_KEY_NAME = "signing_key.pub.pem"
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def generate_keypair(out_dir) -> tuple[Path, Path]:
