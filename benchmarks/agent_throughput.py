@@ -9,7 +9,8 @@ Measures, with the agent as a real `python -m edge_agent run` process:
 - sustained samples/s at max rate (first publish to last prediction),
 - the agent's RSS (VmRSS at the end, VmHWM peak).
 Targets: >= 10,000 samples/s, p99 < 10 ms at 1,000/s, RSS < 80 MiB, online < 1 s.
-Without --bundle a linear test bundle (tests/edge/linear_bundle.py, needs onnx) is generated.
+Without --bundle a linear test bundle (tests/edge/linear_bundle.py, needs onnx) is generated and signed:
+the agent runs with the production trust settings (signature checked at start).
 Samples only (no labels), QoS 1 both ways, the full durable path (journal fsync per batch).
 `--paho-echo` runs the same load against benchmarks/paho_echo.py (paho-mqtt with the agent's MQTT
 pattern but no work at all): the ceiling that paho itself sets on this machine.
@@ -140,22 +141,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=3.0, help="seconds for the 100/s and 1,000/s phases")
     ap.add_argument("--max-samples", type=int, default=20000)
-    ap.add_argument("--bundle", default=None)
+    ap.add_argument("--bundle", default=None, help="a signed bundle (default: a linear test bundle, signed here)")
+    ap.add_argument("--public-key", default=None, help="the key that --bundle is signed with")
     ap.add_argument("--queue-size", type=int, default=1000, help="agent limits.queue_size (default as shipped)")
     ap.add_argument("--paho-echo", action="store_true",
                     help="baseline: replace the agent by benchmarks/paho_echo.py (paho alone, no work)")
     ap.add_argument("--json", default=None, help="also write the JSON result here")
+    ap.add_argument("--broker-inflight", type=int, default=0,
+                    help="mosquitto max_inflight_messages (0: unlimited; deploy/mosquitto ships 100)")
+    ap.add_argument("--agent-log", default=None, help="keep the agent's log (level info) at this path")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="agent-bench-"))
     broker = agent = probe = None
     try:
+        # Signed, as on a line: the agent checks the bundle's Ed25519 signature at start.
         if args.bundle:
-            bundle = Path(args.bundle)
+            if not args.public_key:
+                ap.error("--bundle needs --public-key: the agent runs with signature checks, as on a line")
+            bundle, public_key = Path(args.bundle), args.public_key
         else:
+            from export.signing import generate_keypair, sign_manifest
             from linear_bundle import make_linear_bundle
 
             bundle = make_linear_bundle(work / "bundle")
+            private_key, public_key = generate_keypair(work / "keys")
+            sign_manifest(bundle, private_key)
         manifest = json.loads((bundle / "manifest.json").read_text())
         rng = np.random.default_rng(0)
         shape = manifest["input_shape"]
@@ -164,13 +175,14 @@ def main() -> int:
         port = free_port()
         (work / "mosquitto.conf").write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
-            "max_inflight_messages 0\npersistence false\nlog_dest none\n")
+            f"max_inflight_messages {args.broker_inflight}\npersistence false\nlog_dest none\n")
         broker = subprocess.Popen([find_mosquitto(), "-c", str(work / "mosquitto.conf")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)
         (work / "agent.yaml").write_text(json.dumps({
-            "topic_prefix": PREFIX, "state_dir": str(work / "state"), "log_level": "warning",
-            "bundle": {"dir": str(bundle), "allow_unsigned": True},
+            "topic_prefix": PREFIX, "state_dir": str(work / "state"),
+            "log_level": "debug" if args.agent_log else "warning",
+            "bundle": {"dir": str(bundle), "public_key": str(public_key)},
             "broker": {"host": "127.0.0.1", "port": port},
             "limits": {"queue_size": args.queue_size},
         }))
@@ -222,6 +234,8 @@ def main() -> int:
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+        if args.agent_log and (work / "agent.log").exists():
+            shutil.copyfile(work / "agent.log", args.agent_log)
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"{'phase':>8} {'target':>7} {'n':>6} {'pred':>6} {'pub/s':>8} {'thru/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")

@@ -96,6 +96,7 @@ class Agent(ModelLifecycle):
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._queue_hwm = 0  # the deepest the queue has been (logged at shutdown)
+        self._outbox_hwm = 0  # the most unconfirmed predictions at once (logged at shutdown)
         self._space = threading.Event()  # set by the worker when the queue has room again
         self._worker: int | None = None  # thread id of the worker loop, once running
         self._sent: collections.OrderedDict[str, str] = collections.OrderedDict()  # confirmed predictions
@@ -108,9 +109,20 @@ class Agent(ModelLifecycle):
         self._dropped = 0  # QoS 0 messages dropped on a full queue since the last batch
         self._overflow = 0  # QoS 1 messages queued beyond the bound since the last batch
         self._mids: dict[int, str] = {}  # prediction packet id -> sample id, until PUBACK
+        # Committed predictions not yet handed to paho: (sample id, payload, re-sent). paho keeps ~1.5 KiB
+        # per unconfirmed message (a Condition per message) until its PUBACK; a burst of 20k would add
+        # ~30 MiB that the allocator keeps after the burst. Beyond limits.publish_window they wait here
+        # (the payload string is shared with the outbox) and go out as PUBACKs come back.
+        self._unsent: collections.deque[tuple[str, str, bool]] = collections.deque()
         self._dirty: set[str] = set()  # contexts with labels not yet adapted on
         self._err_budget = (0.0, 0)
         self.transport = transport_cls(cfg, self._on_message, self._online_payload, self._offline_payload, self.obs)
+        self.transport.on_published = self._on_published
+
+    def _on_published(self) -> None:
+        # Network thread, after a PUBACK: wake the worker only if predictions wait for the window.
+        if self._unsent:
+            self._wake.set()
 
     # -- network thread ------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes, mid: int, qos: int, gen: int, dup: bool = False) -> None:
@@ -225,8 +237,8 @@ class Agent(ModelLifecycle):
 
     def _resend_outbox(self) -> None:
         # Predictions that were committed but never confirmed by the broker before we went down.
-        for sid, payload in list(self.state.outbox.items()):
-            self._mids[self.transport.publish(self.cfg.topic("predictions"), payload, qos=1, resent=True)] = sid
+        self._unsent.extend((sid, payload, True) for sid, payload in self.state.outbox.items())
+        self._publish_unsent()
         if self.state.outbox:
             log.info("re-sent %d unconfirmed prediction(s) from the outbox", len(self.state.outbox))
 
@@ -244,7 +256,7 @@ class Agent(ModelLifecycle):
             left -= len(batch)
             self._process(batch)
         deadline = time.monotonic() + 3.0
-        while self._mids and self.transport.connected.is_set() and time.monotonic() < deadline:
+        while (self._mids or self._unsent) and self.transport.connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.02)
             self._process([])
         self._process([])
@@ -252,15 +264,25 @@ class Agent(ModelLifecycle):
         self.transport.stop()
         self.store.close()
         log.info("stopped cleanly (%d prediction(s) left in the outbox)", len(self.state.outbox))
-        log.info("queue high-water mark %d (limits.queue_size %d)", self._queue_hwm, self.cfg.limits.queue_size)
+        log.info("high-water marks: queue %d (limits.queue_size %d), unconfirmed predictions %d",
+                 self._queue_hwm, self.cfg.limits.queue_size, self._outbox_hwm)
 
     # -- worker ----------------------------------------------------------------------------------
+    def _output_full(self) -> bool:
+        # A full publish window and as many predictions again waiting for it: the broker confirms
+        # slower than we predict. Leave the samples in the queue (then, as it fills, in the broker:
+        # TCP backpressure on the inbound connection) rather than as predictions in our memory. No
+        # deadlock: the PUBACKs we wait for come on the outbound connection (transport.py).
+        return len(self._unsent) >= self.cfg.limits.publish_window
+
     def _take(self, timeout: float, limit: int | None = None) -> list[_Item]:
         q = self.queue
-        if not q and timeout:
+        if timeout and (not q or self._output_full()):
             self._wake.clear()
-            if not q:  # re-checked after clear(): an append in between has set the event again
+            if not q or self._output_full():  # re-checked after clear(): a wake in between set it again
                 self._wake.wait(timeout)
+            if self._output_full():
+                return []
         n = min(len(q), self.cfg.limits.batch_size, limit or self.cfg.limits.batch_size)
         batch = [q.popleft() for _ in range(n)]
         if n and len(q) < self._queue_max:
@@ -300,7 +322,7 @@ class Agent(ModelLifecycle):
                                                     f"({self.cfg.limits.max_payload_bytes})")
                 if it.kind == "samples":
                     s = parse_sample(decode(it.payload), self.schema)
-                    if s.id in self.state.recent or s.id in group_ids:
+                    if s.id in group_ids or self.state.seen(s.id):
                         self.obs.on_duplicate()
                         # Not a broker redelivery (DUP flag) but the line publishing the sample again,
                         # e.g. after a broker crash lost our prediction: send the same prediction again.
@@ -327,9 +349,9 @@ class Agent(ModelLifecycle):
                 elif it.kind == "labels":
                     flush()
                     lab = parse_label(decode(it.payload), self.schema)
-                    p = self.state.pending.get(lab.id)
+                    p = self.state.unlabelled(lab.id)
                     if p is None:
-                        if self.state.recent.get(lab.id):
+                        if self.state.labelled(lab.id):
                             continue  # redelivered label, already joined
                         raise PayloadError("unknown_sample_id", f"no recent unlabelled sample with id {lab.id!r}",
                                            lab.id)
@@ -375,13 +397,13 @@ class Agent(ModelLifecycle):
             log.debug("broker sent %d QoS 1 message(s) beyond our Receive Maximum; held back", n)
 
         self.store.append(records)  # durable from here on
-        pred_topic = self.cfg.topic("predictions")
         now = time.monotonic()
         for sid, payload, t_recv, adapted, n_support in out:
-            self._mids[self.transport.publish(pred_topic, payload, qos=1)] = sid
+            self._unsent.append((sid, payload, False))
             self.obs.on_prediction(now - t_recv, adapted, n_support)
+        self._publish_unsent()
         for payload in resend:
-            self.transport.publish(pred_topic, payload, qos=1, resent=True)
+            self.transport.publish(self.cfg.topic("predictions"), payload, qos=1, resent=True)
         for topic_kind, e in errors:
             self._report(topic_kind, e)
         for it in batch:
@@ -389,6 +411,19 @@ class Agent(ModelLifecycle):
         if self.store.needs_compaction:
             self.store.compact(self.state)
         self.obs.on_queue(len(self.queue), len(self.state.outbox))
+        if len(self.state.outbox) > self._outbox_hwm:
+            self._outbox_hwm = len(self.state.outbox)
+
+    def _publish_unsent(self) -> None:
+        """Hand committed predictions to paho, keeping at most limits.publish_window unconfirmed."""
+        window, unsent, mids = self.cfg.limits.publish_window, self._unsent, self._mids
+        if not unsent or len(mids) >= window:
+            return
+        topic, publish, outbox = self.cfg.topic("predictions"), self.transport.publish, self.state.outbox
+        while unsent and len(mids) < window:
+            sid, payload, resent = unsent.popleft()
+            if sid in outbox:  # else confirmed meanwhile (a copy paho re-sent itself)
+                mids[publish(topic, payload, qos=1, resent=resent)] = sid
 
     def _record(self, r: dict, records: list[dict]) -> None:
         self.state.apply(r)

@@ -78,7 +78,8 @@ class BundleStore:
         self.public_key, self.allow_unsigned, self.keep = public_key, allow_unsigned, keep
 
     def verify(self, path) -> dict:
-        return verify_bundle(path, public_key_path=self.public_key, allow_unsigned=self.allow_unsigned)
+        return verify_bundle(path, public_key_path=self.public_key, allow_unsigned=self.allow_unsigned,
+                             isolate_signature=True)
 
     def install(self, src) -> tuple[Path, dict]:
         """Verify `src`, copy it into the store (verified again there), return (installed dir, manifest)."""

@@ -70,6 +70,8 @@ class Limits:
     recent_ids: int = 20_000  # sample ids remembered to ignore redeliveries (~100 bytes each)
     pending_samples: int = 10_000  # unlabelled samples kept for labels that arrive later
     batch_size: int = 256  # messages processed per durable commit
+    # predictions handed to the MQTT client and not yet confirmed (PUBACK); the rest wait, committed, in the outbox
+    publish_window: int = 1000
     resend_predictions: int = 2000  # confirmed predictions kept in memory, re-sent if their sample is re-published
 
 
@@ -212,6 +214,7 @@ def _check(cfg: Config) -> None:
     need(1 <= lim.queue_size <= 65535, "limits.queue_size", "must be 1..65535 (MQTT Receive Maximum)")
     need(lim.recent_ids >= 1, "limits.recent_ids", "must be >= 1")
     need(lim.pending_samples >= 1, "limits.pending_samples", "must be >= 1")
+    need(lim.publish_window >= 1, "limits.publish_window", "must be >= 1")
     need(lim.batch_size >= 1, "limits.batch_size", "must be >= 1")
     need(lim.resend_predictions >= 0, "limits.resend_predictions", "must be >= 0")
     need(1 <= cfg.metrics.port <= 65535, "metrics.port", "must be 1..65535")

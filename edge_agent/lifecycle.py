@@ -187,7 +187,7 @@ class ModelLifecycle:
         new.path = old.path
         self.cfg = new
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
-        self.state.recent_limit, self.state.pending_limit = new.limits.recent_ids, new.limits.pending_samples
+        self.state.set_limits(new.limits.recent_ids, new.limits.pending_samples)
         k = min(new.adaptation.support_size or self.model.recommended_k, self.model.max_support)
         if k != self.k:
             self._resize_support(k)

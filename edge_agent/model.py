@@ -16,7 +16,7 @@ def load_manifest(bundle_dir: str, public_key: str | None, allow_unsigned: bool)
     """Verify (signature, hashes, no extra files) and return the manifest; nothing unverified is loaded."""
     from .verify import verify_bundle
 
-    return verify_bundle(bundle_dir, public_key_path=public_key, allow_unsigned=allow_unsigned)
+    return verify_bundle(bundle_dir, public_key_path=public_key, allow_unsigned=allow_unsigned, isolate_signature=True)
 
 
 def ort_session(path: Path):

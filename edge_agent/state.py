@@ -14,6 +14,8 @@ Only JSON is written (never pickle): a state directory can be inspected with `jq
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import itertools
 import json
 import logging
 import os
@@ -28,8 +30,10 @@ from .errors import StateError
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT = "snapshot.json"
-FORMAT = 1
+SNAPSHOT = "snapshot.jsonl"  # a header line, then the long lists in chunks of SNAPSHOT_CHUNK items
+LEGACY_SNAPSHOT = "snapshot.json"  # one JSON document (agents before 0.2); read once, then replaced
+SNAPSHOT_CHUNK = 1000
+FORMAT = 2  # 2: recent and pending ids as id_key() digests (1: id strings; still read)
 DEFAULT_CONTEXT = "default"
 
 
@@ -46,6 +50,45 @@ class ContextState:
         self.support = deque(self.support, maxlen=self.k)
 
 
+def id_key(sid: str) -> int:
+    """A sample id as a 60-bit BLAKE2b digest: what the dedupe record and the pending samples are keyed by.
+
+    An int of this size is a 32-byte object; the id string it replaces is ~60 bytes plus a second
+    dict node. Two distinct ids inside a 20,000-id window collide with probability ~n^2/2^61 (2e-10).
+    """
+    return int.from_bytes(hashlib.blake2b(sid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 4
+
+
+class RecentIds:
+    """The last `limit` sample ids seen (oldest forgotten first), and whether each has been labelled."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._labelled: dict[int, bool] = {}  # id_key -> labelled yet
+        self._order: deque[int] = deque()  # id_keys in order of first sight
+
+    def __len__(self) -> int:
+        return len(self._labelled)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._labelled
+
+    def labelled(self, key: int) -> bool:
+        return self._labelled.get(key, False)
+
+    def remember(self, key: int, labelled: bool) -> None:
+        known = self._labelled.get(key)
+        if known is None:
+            self._order.append(key)
+        self._labelled[key] = labelled or bool(known)
+        while len(self._labelled) > self.limit:
+            self._labelled.pop(self._order.popleft(), None)
+
+    def items(self):
+        """(id_key, labelled) oldest first."""
+        return ((k, self._labelled[k]) for k in self._order)
+
+
 class AgentState:
     def __init__(self, k: int, recent_limit: int, pending_limit: int):
         self.k = k
@@ -54,8 +97,11 @@ class AgentState:
         self.contexts: dict[str, ContextState] = {}
         self.current = DEFAULT_CONTEXT
         self.model_version: str | None = None
-        self.recent: OrderedDict[str, bool] = OrderedDict()  # sample id -> labelled yet
-        self.pending: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()  # id -> (context, x)
+        self.recent = RecentIds(recent_limit)  # read through seen() / labelled()
+        self._key = int  # how a snapshot being read spells ids (load_header)
+        # id_key -> (context, x as raw float32 bytes): a few small objects per sample instead of two
+        # ndarrays and the id string (~4.5 -> ~2 MiB at the default 10,000). Read through unlabelled().
+        self.pending: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
         self.outbox: OrderedDict[str, str] = OrderedDict()  # sample id -> prediction payload (JSON text)
 
     def context(self, name: str) -> ContextState:
@@ -68,16 +114,17 @@ class AgentState:
     def apply(self, r: dict) -> None:
         t = r["t"]
         if t == "s":
-            self._remember(r["id"], False)
+            key = id_key(r["id"])
+            self.recent.remember(key, False)
             if "x" in r:
-                x = r["x"]
-                self.pending[r["id"]] = (r["c"], x if isinstance(x, np.ndarray) else np.asarray(x, np.float32))
+                self.pending[key] = (r["c"], np.asarray(r["x"], np.float32).tobytes())
                 while len(self.pending) > self.pending_limit:
                     self.pending.popitem(last=False)
             self.outbox[r["id"]] = r["o"]
         elif t == "l":
-            self.pending.pop(r["id"], None)
-            self._remember(r["id"], True)
+            key = id_key(r["id"])
+            self.pending.pop(key, None)
+            self.recent.remember(key, True)
             c = self.context(r["c"])
             x = r["x"]
             c.support.append((r["id"], x if isinstance(x, np.ndarray) else np.asarray(x, np.float32), r["y"]))
@@ -97,14 +144,28 @@ class AgentState:
         else:
             raise ValueError(f"unknown state record type {t!r}")
 
-    def _remember(self, sid: str, labelled: bool) -> None:
-        self.recent[sid] = labelled
-        self.recent.move_to_end(sid)
-        while len(self.recent) > self.recent_limit:
-            self.recent.popitem(last=False)
+    def seen(self, sid: str) -> bool:
+        """Whether a sample with this id was accepted recently (within limits.recent_ids)."""
+        return id_key(sid) in self.recent
+
+    def labelled(self, sid: str) -> bool:
+        return self.recent.labelled(id_key(sid))
+
+    def unlabelled(self, sid: str) -> tuple[str, np.ndarray] | None:
+        """(context, features) of a pending sample, or None."""
+        p = self.pending.get(id_key(sid))
+        return None if p is None else (p[0], np.frombuffer(p[1], np.float32))
+
+    def set_limits(self, recent_limit: int, pending_limit: int) -> None:
+        """New bounds (config reload); the oldest entries beyond them go at the next insertion."""
+        self.recent_limit = self.recent.limit = recent_limit
+        self.pending_limit = pending_limit
 
     # -- snapshot ------------------------------------------------------------------------------
-    def to_json(self) -> dict:
+    # -- snapshot ------------------------------------------------------------------------------
+    # Written and read a chunk at a time: built whole, a snapshot of full caches (20,000 ids, 10,000
+    # pending samples) was a ~11 MiB transient on the heap at every compaction and at every start.
+    def header(self) -> dict:
         return {
             "format": FORMAT,
             "model_version": self.model_version,
@@ -119,14 +180,27 @@ class AgentState:
                 }
                 for name, c in self.contexts.items()
             },
-            "recent": [[sid, lab] for sid, lab in self.recent.items()],
-            "pending": [[sid, ctx, x.tolist()] for sid, (ctx, x) in self.pending.items()],
-            "outbox": [[sid, p] for sid, p in self.outbox.items()],
         }
 
-    def load_json(self, d: dict) -> None:
-        if d.get("format") != FORMAT:
-            raise StateError(f"snapshot format {d.get('format')!r} is not {FORMAT}")
+    def sections(self):
+        """("recent" | "pending" | "outbox", list of at most SNAPSHOT_CHUNK entries), oldest first."""
+        yield from _chunks("recent", ([key, lab] for key, lab in self.recent.items()))
+        yield from _chunks("pending", ([key, ctx, np.frombuffer(x, np.float32).tolist()]
+                                       for key, (ctx, x) in self.pending.items()))
+        yield from _chunks("outbox", ([sid, p] for sid, p in self.outbox.items()))
+
+    def to_json(self) -> dict:
+        """The whole state as one dict (tests, inspection); the snapshot file holds the same in lines."""
+        d = {**self.header(), "recent": [], "pending": [], "outbox": []}
+        for name, items in self.sections():
+            d[name].extend(items)
+        return d
+
+    def load_header(self, d: dict) -> None:
+        fmt = d.get("format")
+        if fmt not in (1, FORMAT):
+            raise StateError(f"snapshot format {fmt!r} is not {FORMAT}")
+        self._key = id_key if fmt == 1 else int  # format 1 stored the id strings themselves
         self.model_version = d.get("model_version")
         self.current = d["current"]
         for name, c in d["contexts"].items():
@@ -135,11 +209,38 @@ class AgentState:
             cs.support.extend((sid, np.asarray(x, np.float32), y) for sid, x, y in c["support"])
             cs.state = None if c["state"] is None else np.asarray(c["state"], np.float32)
             cs.adapted_on, cs.since_adapt, cs.n_labels = c["adapted_on"], c["since_adapt"], c["n_labels"]
-        for sid, lab in d["recent"]:
-            self._remember(sid, lab)
-        for sid, ctx, x in d["pending"][-self.pending_limit:]:
-            self.pending[sid] = (ctx, np.asarray(x, np.float32))
-        self.outbox.update((sid, p) for sid, p in d["outbox"])
+
+    def load_section(self, name: str, items: list) -> None:
+        key = self._key
+        if name == "recent":
+            for sid, lab in items:
+                self.recent.remember(key(sid), lab)
+        elif name == "pending":
+            for sid, ctx, x in items:
+                self.pending[key(sid)] = (ctx, np.asarray(x, np.float32).tobytes())
+                if len(self.pending) > self.pending_limit:
+                    self.pending.popitem(last=False)
+        elif name == "outbox":
+            self.outbox.update((sid, p) for sid, p in items)
+        else:
+            raise StateError(f"unknown snapshot section {name!r}")
+
+    def load_json(self, d: dict) -> None:
+        """A whole-state dict (to_json(), or a legacy snapshot.json's "state")."""
+        self.load_header(d)
+        for name in ("recent", "pending", "outbox"):
+            self.load_section(name, d[name])
+
+
+def _chunks(name: str, items):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == SNAPSHOT_CHUNK:
+            yield name, chunk
+            chunk = []
+    if chunk:
+        yield name, chunk
 
 
 def _default(o):
@@ -163,10 +264,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data) -> None:
+    """`data` (bytes, or an iterable of bytes written one by one) becomes `path`, whole or not at all."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        if isinstance(data, (bytes, bytearray)):
+            f.write(data)
+        else:
+            f.writelines(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -174,7 +279,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class Store:
-    """The state directory: snapshot.json + journal-<seq>.jsonl, guarded by an exclusive lock."""
+    """The state directory: snapshot.jsonl + journal-<seq>.jsonl, guarded by an exclusive lock."""
 
     def __init__(self, state_dir: str, compact_records: int = 50_000):
         self.dir = Path(state_dir)
@@ -203,17 +308,17 @@ class Store:
 
     def load(self, state: AgentState) -> int:
         """Fill `state` from snapshot + journal; returns the number of journal records replayed."""
-        snap = self.dir / SNAPSHOT
         seq = 0
+        snap = self.dir / SNAPSHOT
+        if not snap.exists() and (self.dir / LEGACY_SNAPSHOT).exists():
+            snap = self.dir / LEGACY_SNAPSHOT
         if snap.exists():
             try:
-                d = json.loads(snap.read_bytes())
-                seq = int(d["journal_seq"])
-                state.load_json(d["state"])
+                seq = self._read_snapshot(snap, state)
             except (ValueError, KeyError, TypeError, StateError) as e:
                 # The rename makes a half-written snapshot impossible; this is disk corruption or a
                 # hand edit. Keep the evidence and carry on fresh rather than leave the line blind.
-                aside = snap.with_name(f"{SNAPSHOT}.corrupt-{int(time.time())}")
+                aside = snap.with_name(f"{snap.name}.corrupt-{int(time.time())}")
                 os.replace(snap, aside)
                 log.error("state snapshot unreadable (%s); moved to %s, starting with empty state", e, aside.name)
                 state.__init__(state.k, state.recent_limit, state.pending_limit)
@@ -222,24 +327,42 @@ class Store:
         for s, path in self._journals():
             if s < seq:
                 continue  # already folded into the snapshot; removed at the next compaction
-            lines = path.read_bytes().split(b"\n")
-            for i, line in enumerate(lines):
-                if not line:
-                    continue
-                try:
-                    batch = json.loads(line)
-                except ValueError:
-                    # Only the last line can be torn by a crash mid-write; that batch was never
-                    # fsynced, so nothing of it was acknowledged and the broker will redeliver it.
-                    if i < len(lines) - 1:
-                        log.error("%s: unreadable batch at line %d skipped", path.name, i + 1)
-                    continue
-                for r in batch:
-                    state.apply(r)
-                replayed += len(batch)
+            torn = None  # line number of an unreadable line, reported only if another line follows it
+            with open(path, "rb") as f:  # a line at a time: a journal can hold 50,000 records
+                for i, line in enumerate(f, 1):
+                    if torn is not None:
+                        log.error("%s: unreadable batch at line %d skipped", path.name, torn)
+                        torn = None
+                    if not line.strip():
+                        continue
+                    try:
+                        batch = json.loads(line)
+                    except ValueError:
+                        # Only the last line can be torn by a crash mid-write; that batch was never
+                        # fsynced, so nothing of it was acknowledged and the broker will redeliver it.
+                        torn = i
+                        continue
+                    for r in batch:
+                        state.apply(r)
+                    replayed += len(batch)
             self._seq = max(self._seq, s)
         self._seq = max(self._seq, seq)
         return replayed
+
+    @staticmethod
+    def _read_snapshot(path: Path, state: AgentState) -> int:
+        """Fill `state` from a snapshot; returns its journal sequence number."""
+        if path.name == LEGACY_SNAPSHOT:
+            d = json.loads(path.read_bytes())
+            state.load_json(d["state"])
+            return int(d["journal_seq"])
+        with open(path, "rb") as f:
+            head = json.loads(f.readline())
+            state.load_header(head["state"])
+            for line in f:
+                ((name, items),) = json.loads(line).items()
+                state.load_section(name, items)
+        return int(head["journal_seq"])
 
     def append(self, records: list[dict]) -> None:
         """Durably append records: when this returns, they survive a crash."""
@@ -265,8 +388,11 @@ class Store:
     def compact(self, state: AgentState) -> None:
         """Fold everything into a new snapshot and start an empty journal."""
         next_seq = self._seq + 1
-        doc = {"journal_seq": next_seq, "written": time.time(), "state": state.to_json()}
-        atomic_write(self.dir / SNAPSHOT, json.dumps(doc, separators=(",", ":")).encode())
+        head = {"journal_seq": next_seq, "written": time.time(), "state": state.header()}
+        objects = itertools.chain([head], ({name: items} for name, items in state.sections()))
+        lines = (_ENCODER.encode(obj).encode() + b"\n" for obj in objects)
+        atomic_write(self.dir / SNAPSHOT, lines)
+        (self.dir / LEGACY_SNAPSHOT).unlink(missing_ok=True)
         if self._journal is not None:
             self._journal.close()
             self._journal = None

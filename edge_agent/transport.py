@@ -1,5 +1,13 @@
 """paho-mqtt 2 behind a small seam: connect/reconnect, persistent session, manual acks, the will.
 
+Two connections. `inbound` holds the persistent session (subscriptions, the samples queued while we
+are down), the retained online/offline status and its will, and our acks. `outbound` carries the
+predictions and errors. Why not one: mosquitto 2.0.11 does not keep to our Receive Maximum, so under a
+burst the socket holds thousands of samples ahead of the PUBACKs for our predictions, and when the
+worker falls behind, the inbound network thread waits for queue room (TCP backpressure, below). On one
+connection that stalls the predictions' PUBACKs too: output stops while input floods, and unconfirmed
+predictions pile up in memory. Apart, the output keeps flowing and the worker can wait for it.
+
 Why each setting:
 - clean_start=False + SessionExpiryInterval (MQTT 5), or clean_session=False (3.1.1): the broker keeps
   our subscriptions and queues QoS 1 samples while the agent is down, and redelivers them on return.
@@ -8,7 +16,8 @@ Why each setting:
 - Receive Maximum = queue size: the broker never has more unacknowledged QoS 1 messages in flight to us
   than the worker's queue holds, so on_message never has to block or drop a QoS 1 message.
 - paho keeps its own session (unacknowledged publishes) in memory across reconnects and retransmits
-  them itself; the agent's on-disk outbox covers process restarts.
+  them itself (QoS 1, whatever the session flag); the agent's on-disk outbox covers process restarts.
+  So `outbound` needs no broker session: it connects with a clean one.
 """
 
 from __future__ import annotations
@@ -52,21 +61,26 @@ class MqttTransport:
         self._online = online_payload
         self._offline = offline_payload
         self._obs = observer or Observer()
-        self.gen = 0  # connection generation; an ack is only valid on the connection that received it
-        self.connected = threading.Event()
-        self.published: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, ok) from on_publish
+        self.gen = 0  # inbound connection generation; an ack is only valid on the connection that received it
+        self.connected = threading.Event()  # both connections up
+        self._up = {"inbound": False, "outbound": False}
+        self._up_lock = threading.Lock()
+        self.published: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, ok) of outbound publishes
+        self.on_published: Callable[[], None] | None = None  # called (network thread) after each outbound PUBACK
         self.status_topic = cfg.topic("status")
-        self.client = self._make_client()
+        base = cfg.broker.client_id or default_client_id(cfg)
+        self.client = self._make_client(base, inbound=True)
+        self.out = self._make_client(base + "-out", inbound=False)
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self, client_id: str, inbound: bool) -> mqtt.Client:
         b = self.cfg.broker
         v5 = b.protocol == "5"
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=b.client_id or default_client_id(self.cfg),
+            client_id=client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
-            manual_ack=True,
+            clean_session=None if v5 else not inbound,
+            manual_ack=inbound,
         )
         c.enable_logger(logging.getLogger("edge_agent.paho"))
         c.reconnect_delay_set(min_delay=max(1, int(b.reconnect_min_delay)), max_delay=max(1, int(b.reconnect_max_delay)))
@@ -82,11 +96,15 @@ class MqttTransport:
             except (OSError, ssl.SSLError) as e:
                 raise ConfigError(f"broker.tls: cannot load TLS files: {e}") from e
             c.tls_insecure_set(t.insecure)
-        c.will_set(self.status_topic, self._offline(), qos=1, retain=True)
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_message = self._on_message
-        c.on_publish = self._on_publish
+        if inbound:
+            c.will_set(self.status_topic, self._offline(), qos=1, retain=True)
+            c.on_connect = self._on_connect
+            c.on_disconnect = self._on_disconnect
+            c.on_message = self._on_message
+        else:
+            c.on_connect = self._on_connect_out
+            c.on_disconnect = self._on_disconnect_out
+            c.on_publish = self._on_publish
         return c
 
     def _password(self) -> str | None:
@@ -102,38 +120,42 @@ class MqttTransport:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         b = self.cfg.broker
-        props = None
         if b.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = b.session_expiry
             props.ReceiveMaximum = self.cfg.limits.queue_size
             self.client.connect_async(b.host, b.port, b.keepalive, clean_start=False, properties=props)
+            self.out.connect_async(b.host, b.port, b.keepalive, clean_start=True)
         else:
             self.client.connect_async(b.host, b.port, b.keepalive)
+            self.out.connect_async(b.host, b.port, b.keepalive)
+        self.out.loop_start()
         self.client.loop_start()
 
     def stop(self, timeout: float = 3.0) -> None:
         """Publish `offline` (retained), wait briefly for it, disconnect cleanly (no will)."""
-        if self.connected.is_set():
+        if self._up["inbound"]:
             try:
                 info = self.client.publish(self.status_topic, self._offline(), qos=1, retain=True)
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as e:
                 log.warning("could not publish offline status: %s", e)
-        # paho logs its loop's last pass without a socket as an error; nothing is wrong by then.
-        self.client.disable_logger()
-        self.client.disconnect()
-        self.client.loop_stop()
+        for c in (self.client, self.out):
+            # paho logs its loop's last pass without a socket as an error; nothing is wrong by then.
+            c.disable_logger()
+            c.disconnect()
+            c.loop_stop()
 
     # -- used by the worker thread ---------------------------------------------------------------
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, resent: bool = False) -> int:
+        """Publish on the outbound connection; its PUBACKs are reported in `published`."""
         props = None
         if resent and self.cfg.broker.protocol == "5":
             # A copy of a prediction published before (outbox after a restart, or a re-published
             # sample): marked for consumers, next to the stable `id` (docs/protocol.md).
             props = Properties(PacketTypes.PUBLISH)
             props.UserProperty = ("resent", "1")
-        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        info = self.out.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             # 65535 unconfirmed publishes (packet ids exhausted): the message stays in the outbox
             # and is re-sent at the next start.
@@ -146,12 +168,16 @@ class MqttTransport:
         if qos and gen == self.gen:
             self.client.ack(mid, qos)
 
-    # -- paho callbacks (network thread): never block ---------------------------------------------
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            log.error("broker refused connection: %s", reason_code)
-            return
-        self.gen += 1
+    # -- paho callbacks (network threads): never block ---------------------------------------------
+    def _set_up(self, which: str, up: bool) -> None:
+        with self._up_lock:
+            self._up[which] = up
+            if all(self._up.values()):
+                self.connected.set()
+            else:
+                self.connected.clear()
+
+    def _narrow_inflight(self, client, properties) -> None:
         # paho ignores the broker's Receive Maximum; exceeding it (mosquitto's default is 20) is a
         # protocol error. The public setter refuses changes on an open connection, but at this point
         # (inside CONNACK handling, before paho re-sends anything) changing the limit is safe: paho
@@ -163,6 +189,13 @@ class MqttTransport:
         elif client._max_inflight_messages:
             # Never back to 0 once limited: paho would then never send what it holds as "queued".
             client._max_inflight_messages = own or 65535
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.error("broker refused connection: %s", reason_code)
+            return
+        self.gen += 1
+        self._narrow_inflight(client, properties)
         present = getattr(flags, "session_present", False)
         log.info("connected to %s:%d (session %s)", self.cfg.broker.host, self.cfg.broker.port,
                  "resumed" if present else "new")
@@ -174,17 +207,31 @@ class MqttTransport:
         else:
             client.subscribe([(self.cfg.topic(t), 1) for t in INPUT_TOPICS])
         client.publish(self.status_topic, self._online(), qos=1, retain=True)
-        self.connected.set()
+        self._set_up("inbound", True)
         self._obs.on_connect(self.gen > 1)
 
+    def _on_connect_out(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.error("broker refused the outbound connection: %s", reason_code)
+            return
+        self._narrow_inflight(client, properties)
+        self._set_up("outbound", True)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        self.connected.clear()
+        self._set_up("inbound", False)
         if reason_code != 0:
             log.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
             self._obs.on_disconnect()
+
+    def _on_disconnect_out(self, client, userdata, flags, reason_code, properties):
+        self._set_up("outbound", False)
+        if reason_code != 0:
+            log.warning("outbound connection lost (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg):
         self._deliver(msg.topic, msg.payload, msg.mid, msg.qos, self.gen, bool(msg.dup))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         self.published.append((mid, not reason_code.is_failure))
+        if self.on_published is not None:
+            self.on_published()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
@@ -34,11 +35,12 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def verify_bundle(bundle_dir, public_key_path=None, allow_unsigned: bool = False) -> dict:
+def verify_bundle(bundle_dir, public_key_path=None, allow_unsigned: bool = False, isolate_signature: bool = False) -> dict:
     """Return the parsed manifest of a bundle that passes every check, else raise BundleError.
 
     Without `allow_unsigned`, a signature and a public key are both mandatory. With it, an unsigned
     bundle is accepted (hashes still checked); a signed one is still checked if a key is given.
+    `isolate_signature` (the daemon): the signature is checked by a short-lived child process.
     """
     bundle = Path(bundle_dir)
     if not bundle.is_dir():
@@ -52,7 +54,8 @@ def verify_bundle(bundle_dir, public_key_path=None, allow_unsigned: bool = False
     sig_path = bundle / SIGNATURE_NAME
     if sig_path.exists():
         if public_key_path is not None:
-            _check_signature(manifest_bytes, sig_path, Path(public_key_path))
+            check = _check_signature_in_child if isolate_signature else _check_signature
+            check(manifest_bytes, sig_path, Path(public_key_path))
         elif not allow_unsigned:
             raise BundleError(
                 f"bundle {bundle} is signed but no public key was given to check {SIGNATURE_NAME}"
@@ -106,6 +109,39 @@ def _check_signature(manifest_bytes: bytes, sig_path: Path, key_path: Path) -> N
             f"signature invalid: {SIGNATURE_NAME} does not match {MANIFEST_NAME} under public key {key_path} "
             "(manifest tampered with, or signed with a different key)"
         ) from None
+
+
+def _check_signature_in_child(manifest_bytes: bytes, sig_path: Path, key_path: Path) -> None:
+    """`_check_signature` in a child process, for the long-running daemon.
+
+    `cryptography` maps its own OpenSSL: ~6 MiB of RSS for the rest of the process's life, for a check
+    that takes milliseconds at start and at bundle swaps. The child checks exactly the bytes this
+    process read and will parse (sent on stdin), so a manifest replaced in between cannot slip through.
+    """
+    cmd = [sys.executable, "-m", "edge_agent.verify", "--check-signature", str(sig_path), str(key_path)]
+    try:
+        proc = subprocess.run(cmd, input=manifest_bytes, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BundleError(f"signature check could not run ({type(e).__name__}: {e})") from None
+    if proc.returncode == 0:
+        return
+    lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    if proc.returncode == BundleError.exit_code and lines:
+        raise BundleError(lines[-1])
+    detail = lines[-1] if lines else "no output"
+    raise BundleError(f"signature check process failed with exit code {proc.returncode}: {detail}")
+
+
+def _signature_child(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] != "--check-signature":
+        print("usage: python -m edge_agent.verify --check-signature SIG KEY < manifest", file=sys.stderr)
+        return 2
+    try:
+        _check_signature(sys.stdin.buffer.read(), Path(argv[1]), Path(argv[2]))
+    except BundleError as e:
+        print(str(e).replace("\n", " "), file=sys.stderr)
+        return e.exit_code
+    return 0
 
 
 def _reject_duplicate_keys(pairs):
@@ -196,3 +232,7 @@ def main_verify(bundle_dir, public_key=None, allow_unsigned: bool = False) -> in
     signed = "signed" if public_key is not None and (Path(bundle_dir) / SIGNATURE_NAME).exists() else "UNSIGNED/unchecked"
     print(f"OK {bundle_dir}: model_version {manifest.get('model_version')} ({signed}, {len(manifest['files'])} files)")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_signature_child(sys.argv[1:]))

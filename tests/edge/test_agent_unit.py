@@ -26,7 +26,7 @@ class RecordingTransport:
         self.acks: list[int] = []
         self._mid = 0
 
-    def publish(self, topic, payload, qos=1, retain=False):
+    def publish(self, topic, payload, qos=1, retain=False, resent=False):
         self._mid += 1
         self.sent.append((topic.rsplit("/", 1)[1], json.loads(payload)))
         self.published.append((self._mid, True))
@@ -141,6 +141,59 @@ def test_new_model_version_re_adapts_from_stored_support(tmp_path):
     _send(b, "samples", {"id": "after", "features": [0, 0]})
     p = _predictions(b)[-1]
     assert p["adapted"] and p["n_support"] == 3 and p["model_version"] == "stub0002"
+    b.store.close()
+
+
+class SlowBrokerTransport(RecordingTransport):
+    """PUBACKs only when the test says so: a broker that confirms slower than the agent predicts."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.unconfirmed: list[int] = []
+        self.on_published = None
+
+    def publish(self, topic, payload, qos=1, retain=False, resent=False):
+        self._mid += 1
+        self.sent.append((topic.rsplit("/", 1)[1], json.loads(payload)))
+        self.unconfirmed.append(self._mid)
+        return self._mid
+
+    def confirm(self, n):
+        for mid in self.unconfirmed[:n]:
+            self.published.append((mid, True))
+            if self.on_published:
+                self.on_published()
+        del self.unconfirmed[:n]
+
+
+def test_publish_window_bounds_unconfirmed_predictions(tmp_path):
+    cfg = config_from_dict({"topic_prefix": PREFIX, "state_dir": str(tmp_path / "state"),
+                            "bundle": {"dir": str(tmp_path), "allow_unsigned": True},
+                            "limits": {"publish_window": 3}})
+    a = Agent(cfg, StubModel(), transport_cls=SlowBrokerTransport)
+    a._restore()
+    for i in range(8):
+        a._on_message(f"{PREFIX}/samples", json.dumps({"id": f"w{i}", "features": [0, 0]}).encode(), i + 1, 1, 1)
+    a._process(a._take(0))
+    # All 8 committed (outbox) and acknowledged to the broker; only the window went to the client.
+    assert [p["id"] for p in _predictions(a)] == ["w0", "w1", "w2"]
+    assert len(a.state.outbox) == 8 and len(a.transport.acks) == 8
+    a.transport.confirm(2)
+    assert a._wake.is_set()  # a PUBACK wakes the worker while predictions wait
+    a._process([])
+    assert [p["id"] for p in _predictions(a)] == [f"w{i}" for i in range(5)]
+    assert len(a.state.outbox) == 6
+    a.store.close()  # crash: 3 in flight, 3 never handed to the client; all 6 still in the outbox
+
+    b = Agent(cfg, StubModel(), transport_cls=SlowBrokerTransport)
+    b._restore()
+    b._resend_outbox()
+    assert [p["id"] for p in _predictions(b)] == ["w2", "w3", "w4"]  # the window again, oldest first
+    b.transport.confirm(3)
+    b._process([])
+    b.transport.confirm(3)
+    b._process([])
+    assert [p["id"] for p in _predictions(b)] == [f"w{i}" for i in range(2, 8)] and not b.state.outbox
     b.store.close()
 
 

@@ -232,3 +232,45 @@ def test_verify_does_not_import_torch(bundle, keys):
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "clean" in r.stdout
+
+
+def _outcome(bundle, pub, isolate):
+    try:
+        return "ok", verify_bundle(bundle, pub, isolate_signature=isolate)["model_version"]
+    except BundleError as e:
+        return "refused", str(e)
+
+
+def test_isolated_signature_check_agrees_with_in_process(bundle, keys, tmp_path):
+    """The daemon's child-process check gives the same verdict and message as the in-process one."""
+    other = generate_keypair(tmp_path / "other")[1]
+    not_a_key = tmp_path / "junk.pem"
+    not_a_key.write_text("not a key")
+    assert _outcome(bundle, keys[1], True) == _outcome(bundle, keys[1], False) == ("ok", "0123456789abcdef")
+    for pub in (other, not_a_key, tmp_path / "missing.pem"):
+        isolated, direct = _outcome(bundle, pub, True), _outcome(bundle, pub, False)
+        assert isolated[0] == "refused" and isolated == direct
+    (bundle / "manifest.sig").write_bytes(b"\0" * 10)
+    isolated = _outcome(bundle, keys[1], True)
+    assert isolated[0] == "refused" and "10 bytes" in isolated[1] and isolated == _outcome(bundle, keys[1], False)
+
+
+def test_isolated_check_verifies_the_bytes_the_daemon_read(bundle, keys):
+    """The child checks the manifest sent on stdin, not the file: a swap after the read cannot pass."""
+    from edge_agent.verify import _check_signature_in_child
+
+    good = (bundle / "manifest.json").read_bytes()
+    _check_signature_in_child(good, bundle / "manifest.sig", keys[1])
+    with pytest.raises(BundleError, match="signature invalid"):
+        _check_signature_in_child(good.replace(b"temperature", b"temperatura"), bundle / "manifest.sig", keys[1])
+
+
+def test_daemon_verification_keeps_cryptography_out_of_the_process(bundle, keys):
+    code = (
+        "import sys; from edge_agent.model import load_manifest; "
+        f"m = load_manifest({str(bundle)!r}, {str(keys[1])!r}, False); "
+        "assert 'cryptography' not in sys.modules; print(m['model_version'])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0123456789abcdef"
