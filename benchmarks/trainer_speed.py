@@ -9,9 +9,10 @@ second order. One *iteration* is everything the training loop does per meta-batc
 run the inner loop, take the meta-gradient, step Adam. Throughput = B * iterations / seconds.
 
 Implementations (all fed the same task batches from meta_train's SinusoidSource):
-  ours        the repo's trainer: the body of meta_train.train.train()'s loop, calling
-              meta_train.algorithms.meta_gradient (for this MLP under MSE: the batched-MLP fast path of
-              meta_train/fast_mlp.py), grad clipping and the fused Adam exactly as train() does.
+  ours        the repo's trainer: the body of meta_train.train.train()'s loop (meta_train.train.meta_step),
+              calling meta_train.algorithms.meta_gradient (for this MLP under MSE: the batched-MLP fast path of
+              meta_train/fast_mlp.py, first and second order derived by hand, no autograd), grad clipping and
+              Adam on the flat parameter store (OuterOptimizer) exactly as train() does.
   ours_generic  (opt-in: --impls ... ours_generic) `ours` with meta_gradient(..., fast=False): the generic
               vmap-over-tasks torch.func.grad path, i.e. ours before the fast path (same fused Adam).
   l2l         learn2learn 0.2.0 as documented: per task maml.clone(), learner.adapt(loss) x steps,
@@ -28,8 +29,11 @@ Implementations (all fed the same task batches from meta_train's SinusoidSource)
 Before timing, every implementation's meta-gradient on one shared batch and one shared initialisation is
 compared with ours (max relative difference printed); the run aborts if they disagree.
 
+Like train(), the script asks glibc's malloc to keep freed memory (meta_train.train.keep_freed_memory);
+process-wide, so every implementation runs under it.
+
 Run in the peers venv (benchmarks/setup_peers.sh builds it), from the repo root:
-    benchmarks/.peers/venv/bin/python benchmarks/trainer_speed.py --impls ours ours_generic l2l higher \
+    benchmarks/.peers/venv/bin/python benchmarks/trainer_speed.py --impls ours l2l higher \
         --out docs/results/trainer_speed.json
 """
 
@@ -62,7 +66,7 @@ from meta_train.config import AlgorithmConfig, Config  # noqa: E402
 from meta_train.inner import init_inner_lrs  # noqa: E402
 from meta_train.model import build_model, init_params  # noqa: E402
 from meta_train.tasks.sinusoid import SinusoidOptions, SinusoidSource  # noqa: E402
-from meta_train.train import _leaves, meta_lr_at, meta_step  # noqa: E402
+from meta_train.train import OuterOptimizer, keep_freed_memory, meta_lr_at, meta_step  # noqa: E402
 
 HIDDEN = [40, 40]
 SHOTS = QUERY = 10
@@ -139,8 +143,8 @@ class Ours(Impl):
     fast = None  # meta_gradient's default: the batched-MLP fast path where supported
 
     def make_optimizer(self):
-        # As train.py builds it on CPU/CUDA.
-        return torch.optim.Adam(_leaves(self.params, self.lrs), lr=self.cfg.train.meta_lr, fused=True)
+        # As train.py builds it on CPU/CUDA (parameters as views into one flat tensor, fused Adam on it).
+        return OuterOptimizer(self.params, self.lrs, self.cfg.train.meta_lr, fused=True)
 
     def gradient(self, batch):
         return meta_gradient(self.model, self.alg, self.params, self.lrs, batch, self.it, fast=self.fast)
@@ -311,9 +315,6 @@ class ProtoBmm(Ours):
     """`ours` with the meta-gradient from bmm_query_losses and a fused Adam; rest of the loop unchanged."""
 
     name = "proto_bmm"
-
-    def make_optimizer(self):
-        return torch.optim.Adam(_leaves(self.params, self.lrs), lr=self.cfg.train.meta_lr, fused=True)
 
     def gradient(self, batch):
         names = list(self.params)
@@ -534,6 +535,9 @@ def main(argv=None) -> int:
         args.rounds, args.slice, args.warmup = 2, 0.1, 0.1
 
     torch.set_num_threads(args.threads)
+    # As train() does: malloc keeps freed memory (no page faults on every iteration). Process-wide, so every
+    # implementation runs under it (the peers' per-task loops allocate little and are not affected by it).
+    heap_kept = keep_freed_memory()
     warnings.filterwarnings("ignore")
     with contextlib.redirect_stderr(io.StringIO()):  # gym's import-time banner (learn2learn imports gym)
         for peer, module in (("l2l", "learn2learn"), ("higher", "higher")):
@@ -549,6 +553,7 @@ def main(argv=None) -> int:
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     env = environment(args.threads)
+    env["malloc_keeps_freed_memory"] = heap_kept
     log(f"torch {torch.__version__}, {args.threads} thread(s), load {env['loadavg_start']}; "
         f"{len(cases)} configs x {names}, {args.rounds} rounds x {args.slice}s")
     t_start = time.perf_counter()

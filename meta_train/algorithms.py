@@ -164,10 +164,13 @@ def meta_gradient(model, alg: Algorithm, params, lrs, batch, iteration: int = 0,
         loss, grads = reptile_displacement(model, alg, params, lrs, batch, fast)
         return loss, grads, {}
     learn = {n: r for n, r in lrs.items() if r.requires_grad}
-    spec = _plan(model, alg, params, batch, iteration, fast) if alg.first_order_at(iteration) else None
+    spec = _plan(model, alg, params, batch, iteration, fast)
     if spec is not None:
-        # First order on the fast path: the hand-derived backward at the adapted weights, no autograd.
-        return fast_mlp.first_order_gradient(model, alg.inner, params, lrs, batch, learn, spec)
+        # The fast path: the hand-derived meta-gradient, no autograd. First order: the query gradient at the
+        # adapted weights; second order: reverse mode through the unrolled inner loop (Hessian-vector products).
+        if alg.first_order_at(iteration):
+            return fast_mlp.first_order_gradient(model, alg.inner, params, lrs, batch, learn, spec)
+        return fast_mlp.second_order_gradient(model, alg.inner, params, lrs, batch, learn, spec)
     loss = meta_loss(model, alg, params, lrs, batch, iteration, fast)
     leaves = list(params.values()) + list(learn.values())
     all_grads = torch.autograd.grad(loss, leaves, allow_unused=True)

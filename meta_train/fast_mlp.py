@@ -1,10 +1,13 @@
-"""Fast path for the meta-loss: a plain Linear/activation MLP under MSE, the inner loop batched over tasks by hand.
+"""Fast path for the meta-gradient: a plain Linear/activation MLP under MSE, the inner loop batched over tasks by hand.
 
 Same maths as `vmap(adapt)` + `task_loss` in `algorithms.py`, but the inner gradient is the MLP's backward
 written out as batched matmuls (and the activation's derivative), so a meta-batch costs a few dozen tensor ops
-instead of `vmap(grad(functional_call))` per op. Autograd still differentiates the result for the meta-gradient,
-so second order is exact: every op of the hand-written backward is differentiable, and ReLU's mask has zero
-derivative, as in autograd.
+instead of `vmap(grad(functional_call))` per op. `meta_gradient` uses no autograd at all on this path:
+first order (`first_order_gradient`) is the hand-derived backward at the adapted weights; second order
+(`second_order_gradient`) is reverse mode through the unrolled inner loop written out by hand, with the
+support loss's Hessian-vector products as the R-operator through the same batched forward and backward.
+`query_losses` builds the same loss from differentiable ops, for `meta_loss` (autograd; exact second order:
+every op of the hand-written backward is differentiable, and ReLU's mask has zero derivative, as in autograd).
 
 Supported: `meta_train.model.MLP` with ReLU or Tanh hidden layers, any parameter-free input transform (identity,
 standardize, spectrum: applied once per batch), MSE, all parameters adapted (no ANIL), final-step query loss
@@ -16,6 +19,7 @@ second order; and Reptile's displacement. Anything else takes the generic path; 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .inner import step_lr
@@ -69,17 +73,83 @@ def plan(model, inner, step_weights, params: dict, batch):
 
 
 def supported(model, inner, step_weights, params: dict, batch) -> bool:
-    """Whether `query_losses` computes exactly what the generic path would for this call."""
+    """Whether the fast path computes exactly what the generic path would for this call."""
     return plan(model, inner, step_weights, params, batch) is not None
 
 
+# Matrix products of the batched MLP. Weights are shared ([out, in]: one matmul over all B * K rows) or per task
+# ([B, out, in]: batched). A contraction over a dimension of size 1 (a 1-feature input, a 1-output head) is an
+# outer product: written as a broadcast multiply, several times cheaper than a batched matmul of that shape.
+
+
 def _linear(x, w, b):
-    # x [B, N, in]; w [out, in] (shared) or [B, out, in] (per task); b [out] or [B, out]
-    return torch.matmul(x, w.transpose(-1, -2)) + b.unsqueeze(-2)
+    """x @ w^T + b. x [B, N, in]; w [out, in] or [B, out, in]; b [out] or [B, out]."""
+    if x.shape[-1] == 1:
+        return torch.addcmul(b.unsqueeze(-2), x, w.transpose(-1, -2))
+    if w.dim() == 2:
+        return F.linear(x, w, b)
+    return torch.baddbmm(b.unsqueeze(-2), x, w.transpose(-1, -2))
+
+
+def _dw(d, w):
+    """d @ w. d [B, N, out]; w [out, in] or [B, out, in]."""
+    if d.shape[-1] == 1:
+        return d * w
+    return torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
+
+
+def _outer(d, h, reduce: bool):
+    """Per-task d^T h ([B, out, in]), or with `reduce` its sum over tasks ([out, in], one matmul)."""
+    if reduce:
+        return torch.mm(d.reshape(-1, d.shape[-1]).t(), h.reshape(-1, h.shape[-1]))
+    if h.shape[-1] == 1:
+        return (d * h).sum(-2).unsqueeze(-1)
+    return torch.bmm(d.transpose(-1, -2), h)
+
+
+# In-place accumulation (no autograd involved): acc += x @ w^T, acc += d @ w, acc -= d^T h (per task, or summed
+# over tasks when acc is a shared [out, in]). No temporary, no copy of acc.
+
+
+def _add_xwt_(acc, x, w):
+    if x.shape[-1] == 1:
+        acc.addcmul_(x, w.transpose(-1, -2))
+    elif w.dim() == 2:
+        acc.view(-1, acc.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w.t())
+    else:
+        acc.baddbmm_(x, w.transpose(-1, -2))
+
+
+def _add_dw_(acc, d, w):
+    if d.shape[-1] == 1:
+        acc.addcmul_(d, w)
+    elif w.dim() == 2:
+        acc.view(-1, acc.shape[-1]).addmm_(d.reshape(-1, d.shape[-1]), w)
+    else:
+        acc.baddbmm_(d, w)
+
+
+def _sub_outer_(acc, d, h):
+    if acc.dim() == 2:
+        acc.addmm_(d.reshape(-1, d.shape[-1]).t(), h.reshape(-1, h.shape[-1]), alpha=-1.0)
+    elif h.shape[-1] == 1:
+        acc.sub_((d * h).sum(-2).unsqueeze(-1))
+    else:
+        acc.baddbmm_(d.transpose(-1, -2), h, alpha=-1.0)
+
+
+def _rowsum(d, reduce: bool):
+    return d.sum((0, 1)) if reduce else d.sum(-2)  # d [B, K, out]
 
 
 def _act(z, act: str):
     return torch.relu(z) if act == "relu" else torch.tanh(z)
+
+
+def _deriv(a, act: str):
+    """The activation's derivative as a function of its output `a`, as autograd computes it: ReLU's mask
+    (a > 0, as 0/1: sign(a) for a >= 0; zero derivative itself), tanh's 1 - a^2."""
+    return torch.sign(a) if act == "relu" else 1 - a * a
 
 
 def _forward(h, ws, bs, act: str):
@@ -90,30 +160,44 @@ def _forward(h, ws, bs, act: str):
     return h  # [B, N, out]
 
 
-def _grads(ws, bs, x, y, act: str, with_loss: bool = False):
+def _grads(ws, bs, x, y, act: str, with_loss: bool = False, scale: float = 1.0, reduce: bool = False,
+           tape: list | None = None, skip=()):
     """Per-task gradients of the mean-over-elements MSE: ([B, out, in] per layer, [B, out] per layer).
 
     x [B, K, in]; y [B, K, out]. Plain differentiable ops, so autograd can differentiate them again.
+    `scale` multiplies the gradients (not the loss); `reduce` sums them over tasks; a `tape` list receives
+    what `_hvp_sub_` needs (layer inputs, activation derivatives, dL/dz per layer, and for tanh d @ W per layer);
+    layers in `skip` get no weight gradient (None: the caller keeps it as the factors on the tape).
     """
     n = len(ws)
-    outs, h = [x], x
+    outs, derivs, h = [x], [None] * (n + 1), x
     for i in range(n):
-        z = _linear(h, ws[i], bs[i])
-        h = z if i == n - 1 else _act(z, act)
+        h = _linear(h, ws[i], bs[i])
+        if i < n - 1:
+            h = _act(h, act)
+            derivs[i + 1] = _deriv(h, act)
         outs.append(h)
     err = outs[-1] - y
-    d = err * (2.0 / (y.shape[-2] * y.shape[-1]))  # dL/dout, [B, K, out]
-    gw, gb = [None] * n, [None] * n
+    d = err * (scale * 2.0 / (y.shape[-2] * y.shape[-1]))  # dL/dout, [B, K, out]
+    gw, gb, ds, ts = [None] * n, [None] * n, [None] * n, [None] * n
     for i in reversed(range(n)):
-        gw[i] = torch.matmul(d.transpose(-1, -2), outs[i])
-        gb[i] = d.sum(-2)
+        ds[i] = d
+        gw[i] = None if i in skip else _outer(d, outs[i], reduce)
+        gb[i] = _rowsum(d, reduce)
         if i:
-            d = torch.matmul(d, ws[i])
-            a = outs[i]  # the activation's output; both derivatives are functions of it, as in autograd
-            d = d * (a > 0) if act == "relu" else d * (1 - a * a)
-    if with_loss:
-        return gw, gb, (err * err).mean((-2, -1))
+            t = _dw(d, ws[i])
+            if act != "relu":
+                ts[i] = t
+            d = t * derivs[i]
+    if tape is not None:
+        tape.extend((outs, derivs, ds, ts))
+    if with_loss:  # the loss averaged over tasks (every task has the same number of points and outputs)
+        return gw, gb, (err * err).mean()
     return gw, gb
+
+
+def _sgd(w, lr, g):
+    return torch.addcmul(w, lr, g, value=-1.0)  # w - lr * g in one op (lr broadcast: scalar rate or per weight)
 
 
 def _targets(model, y):
@@ -130,18 +214,37 @@ def _adapt(names, act, params, lrs, x, y, steps: int, first_order: bool):
                 gw, gb = _grads([w.detach() for w in ws], [b.detach() for b in bs], x, y, act)
         else:
             gw, gb = _grads(ws, bs, x, y, act)
-        ws = [w - step_lr(lrs, wn, step) * g for (wn, _), w, g in zip(names, ws, gw)]
-        bs = [b - step_lr(lrs, bn, step) * g for (_, bn), b, g in zip(names, bs, gb)]
+        ws = [_sgd(w, step_lr(lrs, wn, step), g) for (wn, _), w, g in zip(names, ws, gw)]
+        bs = [_sgd(b, step_lr(lrs, bn, step), g) for (_, bn), b, g in zip(names, bs, gb)]
     return ws, bs
 
 
 def query_losses(model, inner, params, lrs, batch, first_order: bool, spec=None) -> torch.Tensor:
-    """Per-task query MSE after inner.steps SGD steps on the support set: shape [B]. `spec`: plan()'s result."""
+    """Per-task query MSE after inner.steps SGD steps on the support set: shape [B]. `spec`: plan()'s result.
+
+    Differentiable (autograd): `meta_loss` uses it; `meta_gradient` uses the hand-derived gradients below.
+    """
     names, act = spec or layers(model)
     sx, qx = model.transform(batch.support_x), model.transform(batch.query_x)
     sy, qy = _targets(model, batch.support_y), _targets(model, batch.query_y)
     ws, bs = _adapt(names, act, params, lrs, sx, sy, inner.steps, first_order)
     return ((_forward(qx, ws, bs, act) - qy) ** 2).mean((-2, -1))
+
+
+def _prepare(model, params, lrs, batch, names):
+    sx, qx = model.transform(batch.support_x), model.transform(batch.query_x)
+    sy, qy = _targets(model, batch.support_y), _targets(model, batch.query_y)
+    ws = [params[w].detach() for w, _ in names]
+    bs = [params[b].detach() for _, b in names]
+    rates = {n: r.detach() for n, r in lrs.items()}
+    return sx, sy, qx, qy, ws, bs, rates
+
+
+def _by_name(names, ws, bs) -> dict:
+    out = {}
+    for (wn, bn), w, b in zip(names, ws, bs):
+        out[wn], out[bn] = w, b
+    return out
 
 
 def first_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=None) -> tuple[torch.Tensor, dict, dict]:
@@ -153,34 +256,129 @@ def first_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=Non
     """
     names, act = spec or layers(model)
     with torch.no_grad():
-        sx, qx = model.transform(batch.support_x), model.transform(batch.query_x)
-        sy, qy = _targets(model, batch.support_y), _targets(model, batch.query_y)
-        ws = [params[w].detach() for w, _ in names]
-        bs = [params[b].detach() for _, b in names]
-        rates = {n: r.detach() for n, r in lrs.items()}
+        sx, sy, qx, qy, ws, bs, rates = _prepare(model, params, lrs, batch, names)
         inner_grads = []  # [(gw, gb)] per step, kept only if some rate learns
         for step in range(inner.steps):
             gw, gb = _grads(ws, bs, sx, sy, act)
             if learn:
-                inner_grads.append((gw, gb))
-            ws = [w - step_lr(rates, wn, step) * g for (wn, _), w, g in zip(names, ws, gw)]
-            bs = [b - step_lr(rates, bn, step) * g for (_, bn), b, g in zip(names, bs, gb)]
-        qw, qb, losses = _grads(ws, bs, qx, qy, act, with_loss=True)
-        batch_size = qx.shape[0]
-        per_task = {}
-        for (wn, bn), gw, gb in zip(names, qw, qb):
-            per_task[wn], per_task[bn] = gw, gb
-        param_grads = {n: per_task[n].mean(0) for n in params}  # per task: [B, *shape]
+                inner_grads.append(_by_name(names, gw, gb))
+            ws = [_sgd(w, step_lr(rates, wn, step), g) for (wn, _), w, g in zip(names, ws, gw)]
+            bs = [_sgd(b, step_lr(rates, bn, step), g) for (_, bn), b, g in zip(names, bs, gb)]
+        # G / B: per task if a rate learns (it needs g_s * G per task), else summed over tasks in one matmul
+        qw, qb, loss = _grads(ws, bs, qx, qy, act, with_loss=True, scale=1.0 / qx.shape[0], reduce=not learn)
+        query = _by_name(names, qw, qb)
         lr_grads = {n: torch.zeros_like(r) for n, r in learn.items()}
-        for step, (gw, gb) in enumerate(inner_grads):
-            step_grads = {}
-            for (wn, bn), w, b in zip(names, gw, gb):
-                step_grads[wn], step_grads[bn] = w, b
+        for step, step_grads in enumerate(inner_grads):
             for n in learn:
-                contrib = -(step_grads[n] * per_task[n]) / batch_size  # [B, *param shape] (or shared)
                 idx = min(step, lr_grads[n].shape[0] - 1)
-                lr_grads[n][idx] += contrib.sum_to_size(lr_grads[n][idx].shape)
-    return losses.mean(), param_grads, lr_grads
+                lr_grads[n][idx] -= (step_grads[n] * query[n]).sum_to_size(lr_grads[n][idx].shape)
+        param_grads = {n: query[n].sum(0) if learn else query[n] for n in params}
+    return loss, param_grads, lr_grads
+
+
+def _hvp_sub_(ws, tape, vw, vb, act: str, scale: float, lw, lb, alpha_w):
+    """lw, lb -= H (alpha_w * vw, vb), in place: H the per-task Hessian of the support MSE at `ws` (and the
+    biases), (alpha_w * vw, vb) a per-task direction (alpha_w: one float per layer, folded into the matmuls that
+    read vw). The Hessian-vector product is the R-operator (forward-over-reverse) through `_grads`' forward and
+    backward, from its `tape`; ReLU's mask has zero derivative, as in autograd; tanh's derivative 1 - a^2
+    contributes -2 a R(a). lw / lb are per task ([B, out, in] / [B, out]) or, to get the sum over tasks directly,
+    shared ([out, in] / [out]). vw[i] may be lw[i] itself: it is read before lw[i] is written. vw[i] may also be
+    a pair (D, H) standing for the per-task D^T H ([B, N, out], [B, N, in]: a query gradient never formed), used
+    as two thin products (x @ H^T) @ D and (d @ D^T) @ H."""
+    outs, derivs, ds, ts = tape
+    n = len(ws)
+    r = [None] * (n + 1)  # r[i] = R(outs[i]); the input does not depend on the weights: R(outs[0]) = 0
+    for i in range(n):
+        x, a = outs[i], alpha_w[i]
+        if isinstance(vw[i], tuple):
+            dq, hq = vw[i]
+            rz = torch.baddbmm(vb[i].unsqueeze(-2), torch.bmm(x, hq.transpose(-1, -2)), dq, alpha=a)
+        elif x.shape[-1] == 1:  # vw is per task: [B, out, in]
+            rz = torch.addcmul(vb[i].unsqueeze(-2), x, vw[i].transpose(-1, -2), value=a)
+        else:
+            rz = torch.baddbmm(vb[i].unsqueeze(-2), x, vw[i].transpose(-1, -2), alpha=a)
+        if i:
+            _add_xwt_(rz, r[i], ws[i])
+        r[i + 1] = rz.mul_(derivs[i + 1]) if i < n - 1 else rz
+    rd = r[n].mul_(scale)  # R(dL/dout)
+    for i in reversed(range(n)):
+        if i:  # R(d @ W) = R(d) @ W + d @ V, before lw[i] (which vw[i] may be) changes
+            rt = _dw(rd, ws[i])
+            if isinstance(vw[i], tuple):
+                dq, hq = vw[i]
+                rt.baddbmm_(torch.bmm(ds[i], dq.transpose(-1, -2)), hq, alpha=alpha_w[i])
+            elif ds[i].shape[-1] == 1:
+                rt.addcmul_(ds[i], vw[i], value=alpha_w[i])
+            else:
+                rt.baddbmm_(ds[i], vw[i], alpha=alpha_w[i])
+        _sub_outer_(lw[i], rd, outs[i])
+        if i:
+            _sub_outer_(lw[i], ds[i], r[i])
+        lb[i].sub_(_rowsum(rd, lb[i].dim() == 1))
+        if i:
+            rd = rt.mul_(derivs[i])
+            if act != "relu":
+                rd.sub_(2.0 * ts[i] * outs[i] * r[i])
+
+
+def second_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=None) -> tuple[torch.Tensor, dict, dict]:
+    """Second-order meta-gradient with no autograd: (mean query loss, param grads, grads of `learn` lrs).
+
+    Reverse mode through the unrolled inner SGD by hand. With theta_{s+1} = theta_s - a_s * g_s(theta_s) per task
+    and lam_S the query gradient at the adapted weights (over B, for the batch mean), going back one step is
+    lam_s = lam_{s+1} - H_s (a_s * lam_{s+1}), H_s the support-loss Hessian at theta_s (a Hessian-vector product,
+    `_hvp_sub_`), and the rate a_s collects -(g_s * lam_{s+1}) summed over tasks and down to its shape. The initial
+    parameters are shared, so their gradient is the task-sum of lam_0. Same maths as autograd over `query_losses`.
+    Fixed scalar rates are folded into the matmuls; with one inner step, the per-task query gradient of a
+    hidden-to-hidden weight is used as its factors (d^T h), never formed.
+    """
+    names, act = spec or layers(model)
+    with torch.no_grad():
+        sx, sy, qx, qy, ws, bs, rates = _prepare(model, params, lrs, batch, names)
+        scale = 2.0 / (sy.shape[-2] * sy.shape[-1])
+        saved = []
+        for step in range(inner.steps):
+            tape = []
+            lr_w = [step_lr(rates, wn, step) for wn, _ in names]
+            lr_b = [step_lr(rates, bn, step) for _, bn in names]
+            gw, gb = _grads(ws, bs, sx, sy, act, tape=tape)
+            saved.append((ws, gw, gb, tape, lr_w, lr_b))
+            ws = [_sgd(w, lr, g) for w, lr, g in zip(ws, lr_w, gw)]
+            bs = [_sgd(b, lr, g) for b, lr, g in zip(bs, lr_b, gb)]
+        # One inner step: lam_1 of a hidden-to-hidden weight is only used as a direction for the Hessian and summed
+        # over tasks, so (rate a scalar, not learned) it stays as its factors d^T h per task, never formed.
+        factored = set()
+        if inner.steps == 1:
+            factored = {i for i, ((wn, _), w, lr) in enumerate(zip(names, ws, saved[0][4]))
+                        if wn not in learn and lr.numel() == 1 and min(w.shape[-2:]) > 1}
+        qtape = []
+        lw, lb, loss = _grads(ws, bs, qx, qy, act, with_loss=True, scale=1.0 / qx.shape[0],  # lam_S, per task
+                              tape=qtape if factored else None, skip=factored)
+        lr_grads = {n: torch.zeros_like(r) for n, r in learn.items()}
+        for step in reversed(range(inner.steps)):
+            ws_s, gw, gb, tape, lr_w, lr_b = saved[step]
+            for (wn, bn), g_w, g_b, lam_w, lam_b in zip(names, gw, gb, lw, lb):
+                for name, g, lam in ((wn, g_w, lam_w), (bn, g_b, lam_b)):
+                    if name in learn:
+                        idx = min(step, lr_grads[name].shape[0] - 1)
+                        lr_grads[name][idx] -= (g * lam).sum_to_size(lr_grads[name][idx].shape)
+            # the direction a_s * lam_{s+1}: a one-number weight rate is folded into the HVP's matmuls (no copy)
+            vw, alpha_w = [], []
+            for i, (lr, lam) in enumerate(zip(lr_w, lw)):
+                scalar = lr.numel() == 1
+                if i in factored:
+                    vw.append((qtape[2][i], qtape[0][i]))  # (dL/dz, layer input) of the query pass
+                else:
+                    vw.append(lam if scalar else lr * lam)
+                alpha_w.append(float(lr) if scalar else 1.0)
+            vb = [lr * lam for lr, lam in zip(lr_b, lb)]
+            if step == 0:  # theta_0 is shared: only the task-sum of lam_0 is needed
+                lw = [_outer(qtape[2][i], qtape[0][i], True) if i in factored else lam.sum(0) for i, lam in enumerate(lw)]
+                lb = [lam.sum(0) for lam in lb]
+            _hvp_sub_(ws_s, tape, vw, vb, act, scale, lw, lb, alpha_w)  # lam_s = lam_{s+1} - H_s v, in place
+        grads = _by_name(names, lw, lb)
+        param_grads = {n: grads[n] for n in params}
+    return loss, param_grads, lr_grads
 
 
 def reptile(model, inner, params, lrs, x, y, spec=None) -> tuple[torch.Tensor, dict]:

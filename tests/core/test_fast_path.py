@@ -128,6 +128,8 @@ def _forbid_fast(monkeypatch):
 
     monkeypatch.setattr(fast_mlp, "query_losses", boom)
     monkeypatch.setattr(fast_mlp, "reptile", boom)
+    monkeypatch.setattr(fast_mlp, "first_order_gradient", boom)
+    monkeypatch.setattr(fast_mlp, "second_order_gradient", boom)
 
 
 @pytest.mark.parametrize("case", list(UNSUPPORTED))
@@ -154,8 +156,9 @@ def test_cross_entropy_takes_the_generic_path(monkeypatch):
 def test_supported_config_takes_the_fast_path_and_the_switch_turns_it_off(monkeypatch):
     model, alg, params, lrs, batch = setup("maml", 1)
     calls = []
-    real = fast_mlp.query_losses
-    monkeypatch.setattr(fast_mlp, "query_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # second order on the fast path: the hand-derived meta-gradient (meta_loss would go through query_losses)
+    real = fast_mlp.second_order_gradient
+    monkeypatch.setattr(fast_mlp, "second_order_gradient", lambda *a, **k: calls.append(1) or real(*a, **k))
     meta_gradient(model, alg, params, lrs, batch)
     assert calls == [1]
     meta_gradient(model, alg, params, lrs, batch, fast=False)
@@ -182,3 +185,63 @@ def test_first_order_meta_loss_through_autograd_matches(name):
     assert len(rf) == (len(params) if name == "metasgd" else 0)
     for a, b in zip(list(pf.values()) + list(rf.values()), reference):
         assert rel_diff(a, b) < TOL
+
+
+# The hand-derived second-order meta-gradient (fast_mlp.second_order_gradient) in more shapes: deeper nets,
+# per-layer-per-step rates shared beyond their steps, vector targets, and in float64 (where the only difference
+# from autograd is rounding, so the tolerance can be much tighter).
+
+SECOND_ORDER = {
+    "maml-5-deep-relu": dict(name="maml", steps=5, spec={"in_features": 1, "hidden": [16, 24, 8], "out_features": 1}),
+    "maml-4-deep-tanh": dict(name="maml", steps=4, spec={"in_features": 1, "hidden": [12, 20, 6], "out_features": 1,
+                                                          "activation": "tanh"}),
+    "metasgd-5": dict(name="metasgd", steps=5),
+    "mamlpp-4-tanh": dict(name="mamlpp", steps=4, multi_step_loss=False, activation="tanh"),
+    # one step: the query gradient of hidden-to-hidden weights stays factored (scalar, fixed rate), or not (learned)
+    "maml-1-deep-relu": dict(name="maml", steps=1, spec={"in_features": 1, "hidden": [16, 24, 8], "out_features": 1}),
+    "maml-1-deep-tanh": dict(name="maml", steps=1, spec={"in_features": 1, "hidden": [12, 20, 6], "out_features": 1,
+                                                          "activation": "tanh"}),
+    "mamlpp-1-learned-scalar-rates": dict(name="mamlpp", steps=1, multi_step_loss=False),
+    "metasgd-1": dict(name="metasgd", steps=1),
+}
+
+
+@pytest.mark.parametrize("case", list(SECOND_ORDER))
+def test_hand_derived_second_order_matches_generic_path(case):
+    model, alg, params, lrs, batch = setup(**SECOND_ORDER[case])
+    assert uses_fast_path(model, alg, params, batch) and not alg.first_order
+    assert_same(model, alg, params, lrs, batch)
+
+
+def test_hand_derived_second_order_more_steps_than_learned_rates():
+    # MAML++ rates trained for 2 steps, run for 4: the last rate is reused and collects gradient from 3 steps
+    model, alg, params, lrs, batch = setup("mamlpp", 2, multi_step_loss=False)
+    alg4 = resolve(AlgorithmConfig(name="mamlpp", inner_steps=4, multi_step_loss=False), "mse")
+    assert assert_same(model, alg4, params, lrs, batch)[1].keys() == params.keys()
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("name", ["maml", "metasgd"])
+def test_hand_derived_second_order_float64(name, activation, steps):
+    gen = torch.Generator().manual_seed(7)
+    b, k = 5, 7
+    batch = TaskBatch(torch.randn(b, k, 3, generator=gen, dtype=torch.float64),
+                      torch.randn(b, k, 2, generator=gen, dtype=torch.float64),
+                      torch.randn(b, k + 2, 3, generator=gen, dtype=torch.float64),
+                      torch.randn(b, k + 2, 2, generator=gen, dtype=torch.float64))
+    spec = {"in_features": 3, "hidden": [9, 11], "out_features": 2, "activation": activation}
+    model, alg, params, lrs, batch = setup(name, steps, spec=spec, batch=batch, inner_lr=0.1)
+    model = model.double()
+    params = {n: p.detach().double().requires_grad_() for n, p in params.items()}
+    lrs = {n: r.detach().double().requires_grad_(r.requires_grad) for n, r in lrs.items()}
+    assert uses_fast_path(model, alg, params, batch)
+    lf, pf, rf = meta_gradient(model, alg, params, lrs, batch, fast=True)
+    lg, pg, rg = meta_gradient(model, alg, params, lrs, batch, fast=False)
+    assert pf["head.weight"].dtype == torch.float64
+    assert abs(float(lf - lg)) < 1e-12
+    for n in pg:
+        assert rel_diff(pf[n], pg[n]) < 1e-10, n
+    assert set(rf) == set(rg) == (set(params) if name == "metasgd" else set())
+    for n in rg:
+        assert rel_diff(rf[n], rg[n]) < 1e-10, f"lr:{n}"
