@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -152,8 +153,10 @@ def _main(argv, tmp: Path) -> int:
     for name, r in results.items():
         print(f"{name:<14}{r['median_ms']:>12.4f}{r['p99_ms']:>12.4f}")
     print("nodes: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    load = [round(v, 2) for v in os.getloadavg()]  # a busy machine shows in the medians; report it with them
+    print(f"load average (1, 5, 15 min): {load[0]} {load[1]} {load[2]}")
     print(json.dumps({"arch": arch, "k": args.k, "steps": manifest["inner"]["steps"], "optimized": not args.no_optimize,
-                      "results": results, **counts,
+                      "results": results, **counts, "load_avg": load,
                       "model_version": manifest["model_version"]}))
     return 0
 
