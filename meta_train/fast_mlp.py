@@ -82,8 +82,31 @@ def supported(model, inner, step_weights, params: dict, batch) -> bool:
 # outer product: written as a broadcast multiply, several times cheaper than a batched matmul of that shape.
 
 
+class _LowRank:
+    """The per-task weight W - a D^T H ([B, out, in]) of a shared W ([out, in]) after one SGD step, never formed:
+    products with it are one matmul with the shared W over all rows plus two thin per-task products through the
+    K support points (D [B, K, out], H [B, K, in]). The thin products x H^T and d D^T are kept (`xh`, `dd`): the
+    Hessian-vector product of that step needs exactly their transposes."""
+
+    def __init__(self, w, d, h, a: float):
+        self.w, self.d, self.h, self.a = w, d, h, a
+        self.xh = self.dd = None
+
+    def linear(self, x, b):  # x @ (W - a D^T H)^T + b = b - a (x H^T) D + x W^T
+        self.xh = torch.bmm(x, self.h.transpose(-1, -2))
+        z = torch.baddbmm(b.unsqueeze(-2), self.xh, self.d, alpha=-self.a)
+        z.view(-1, z.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), self.w.t())
+        return z
+
+    def dw(self, d):  # d @ (W - a D^T H) = d W - a (d D^T) H
+        self.dd = torch.bmm(d, self.d.transpose(-1, -2))
+        return torch.matmul(d, self.w).baddbmm_(self.dd, self.h, alpha=-self.a)
+
+
 def _linear(x, w, b):
-    """x @ w^T + b. x [B, N, in]; w [out, in] or [B, out, in]; b [out] or [B, out]."""
+    """x @ w^T + b. x [B, N, in]; w [out, in] or [B, out, in] (or a `_LowRank`); b [out] or [B, out]."""
+    if isinstance(w, _LowRank):
+        return w.linear(x, b)
     if x.shape[-1] == 1:
         return torch.addcmul(b.unsqueeze(-2), x, w.transpose(-1, -2))
     if w.dim() == 2:
@@ -92,7 +115,9 @@ def _linear(x, w, b):
 
 
 def _dw(d, w):
-    """d @ w. d [B, N, out]; w [out, in] or [B, out, in]."""
+    """d @ w. d [B, N, out]; w [out, in] or [B, out, in] (or a `_LowRank`)."""
+    if isinstance(w, _LowRank):
+        return w.dw(d)
     if d.shape[-1] == 1:
         return d * w
     return torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
@@ -170,11 +195,12 @@ def _grads(ws, bs, x, y, act: str, with_loss: bool = False, scale: float = 1.0, 
     layers in `skip` get no weight gradient (None: the caller keeps it as the factors on the tape).
     """
     n = len(ws)
+    inplace = not torch.is_grad_enabled()  # fresh intermediates may be overwritten when autograd is not recording
     outs, derivs, h = [x], [None] * (n + 1), x
     for i in range(n):
         h = _linear(h, ws[i], bs[i])
         if i < n - 1:
-            h = _act(h, act)
+            h = (torch.relu_(h) if act == "relu" else torch.tanh_(h)) if inplace else _act(h, act)
             derivs[i + 1] = _deriv(h, act)
         outs.append(h)
     err = outs[-1] - y
@@ -188,7 +214,7 @@ def _grads(ws, bs, x, y, act: str, with_loss: bool = False, scale: float = 1.0, 
             t = _dw(d, ws[i])
             if act != "relu":
                 ts[i] = t
-            d = t * derivs[i]
+            d = t.mul_(derivs[i]) if inplace and act == "relu" else t * derivs[i]
     if tape is not None:
         tape.extend((outs, derivs, ds, ts))
     if with_loss:  # the loss averaged over tasks (every task has the same number of points and outputs)
@@ -283,20 +309,25 @@ def _hvp_sub_(ws, tape, vw, vb, act: str, scale: float, lw, lb, alpha_w):
     backward, from its `tape`; ReLU's mask has zero derivative, as in autograd; tanh's derivative 1 - a^2
     contributes -2 a R(a). lw / lb are per task ([B, out, in] / [B, out]) or, to get the sum over tasks directly,
     shared ([out, in] / [out]). vw[i] may be lw[i] itself: it is read before lw[i] is written. vw[i] may also be
-    a pair (D, H) standing for the per-task D^T H ([B, N, out], [B, N, in]: a query gradient never formed), used
-    as two thin products (x @ H^T) @ D and (d @ D^T) @ H."""
+    a tuple (D, H, xH, dD) standing for the per-task D^T H ([B, N, out], [B, N, in]: a query gradient never
+    formed), used as two thin products (x @ H^T) @ D and (d @ D^T) @ H; xH = x @ H^T and dD = d @ D^T when already
+    computed (else None). vb[i] may be a pair (v, beta) standing for beta * v (a
+    one-number bias rate, folded into the `beta` of the matmul that adds it), v possibly lb[i] itself."""
     outs, derivs, ds, ts = tape
     n = len(ws)
     r = [None] * (n + 1)  # r[i] = R(outs[i]); the input does not depend on the weights: R(outs[0]) = 0
     for i in range(n):
         x, a = outs[i], alpha_w[i]
+        vbi, beta = vb[i] if isinstance(vb[i], tuple) else (vb[i], 1.0)
         if isinstance(vw[i], tuple):
-            dq, hq = vw[i]
-            rz = torch.baddbmm(vb[i].unsqueeze(-2), torch.bmm(x, hq.transpose(-1, -2)), dq, alpha=a)
+            dq, hq, xhq, _ = vw[i]
+            xhq = torch.bmm(x, hq.transpose(-1, -2)) if xhq is None else xhq
+            rz = torch.baddbmm(vbi.unsqueeze(-2), xhq, dq, beta=beta, alpha=a)
         elif x.shape[-1] == 1:  # vw is per task: [B, out, in]
-            rz = torch.addcmul(vb[i].unsqueeze(-2), x, vw[i].transpose(-1, -2), value=a)
+            rz = torch.addcmul(vbi.unsqueeze(-2) if beta == 1.0 else vbi.unsqueeze(-2) * beta, x,
+                               vw[i].transpose(-1, -2), value=a)
         else:
-            rz = torch.baddbmm(vb[i].unsqueeze(-2), x, vw[i].transpose(-1, -2), alpha=a)
+            rz = torch.baddbmm(vbi.unsqueeze(-2), x, vw[i].transpose(-1, -2), beta=beta, alpha=a)
         if i:
             _add_xwt_(rz, r[i], ws[i])
         r[i + 1] = rz.mul_(derivs[i + 1]) if i < n - 1 else rz
@@ -305,8 +336,9 @@ def _hvp_sub_(ws, tape, vw, vb, act: str, scale: float, lw, lb, alpha_w):
         if i:  # R(d @ W) = R(d) @ W + d @ V, before lw[i] (which vw[i] may be) changes
             rt = _dw(rd, ws[i])
             if isinstance(vw[i], tuple):
-                dq, hq = vw[i]
-                rt.baddbmm_(torch.bmm(ds[i], dq.transpose(-1, -2)), hq, alpha=alpha_w[i])
+                dq, hq, _, ddq = vw[i]
+                ddq = torch.bmm(ds[i], dq.transpose(-1, -2)) if ddq is None else ddq
+                rt.baddbmm_(ddq, hq, alpha=alpha_w[i])
             elif ds[i].shape[-1] == 1:
                 rt.addcmul_(ds[i], vw[i], value=alpha_w[i])
             else:
@@ -329,49 +361,68 @@ def second_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=No
     lam_s = lam_{s+1} - H_s (a_s * lam_{s+1}), H_s the support-loss Hessian at theta_s (a Hessian-vector product,
     `_hvp_sub_`), and the rate a_s collects -(g_s * lam_{s+1}) summed over tasks and down to its shape. The initial
     parameters are shared, so their gradient is the task-sum of lam_0. Same maths as autograd over `query_losses`.
-    Fixed scalar rates are folded into the matmuls; with one inner step, the per-task query gradient of a
-    hidden-to-hidden weight is used as its factors (d^T h), never formed.
+    Fixed scalar rates are folded into the matmuls; the inner update of a weight with a fixed scalar rate is fused
+    into its gradient's matmul (W - a d^T h in one baddbmm: the per-task inner gradient is never formed or kept);
+    with one inner step, the per-task query gradient of a hidden-to-hidden weight is used as its factors (d^T h),
+    never formed.
     """
     names, act = spec or layers(model)
     with torch.no_grad():
         sx, sy, qx, qy, ws, bs, rates = _prepare(model, params, lrs, batch, names)
         scale = 2.0 / (sy.shape[-2] * sy.shape[-1])
+        # One inner step: lam_1 of a hidden-to-hidden weight is only used as a direction for the Hessian and summed
+        # over tasks, so (rate a scalar, not learned) it stays as its factors d^T h per task, never formed; and so
+        # does that weight after its one step (`_LowRank`), whose thin products with the query rows are the
+        # transposes of the ones that Hessian-vector product needs.
+        factored = set()
+        if inner.steps == 1:
+            factored = {i for i, ((wn, _), w) in enumerate(zip(names, ws))
+                        if wn not in learn and step_lr(rates, wn, 0).numel() == 1 and min(w.shape[-2:]) > 1}
         saved = []
         for step in range(inner.steps):
             tape = []
-            lr_w = [step_lr(rates, wn, step) for wn, _ in names]
-            lr_b = [step_lr(rates, bn, step) for _, bn in names]
-            gw, gb = _grads(ws, bs, sx, sy, act, tape=tape)
-            saved.append((ws, gw, gb, tape, lr_w, lr_b))
-            ws = [_sgd(w, lr, g) for w, lr, g in zip(ws, lr_w, gw)]
+            if step == 0 or any(r.shape[0] > step for r in rates.values()):  # else the same rates as last step
+                lr_w = [step_lr(rates, wn, step) for wn, _ in names]
+                lr_b = [step_lr(rates, bn, step) for _, bn in names]
+                alpha_w = [float(lr) if lr.numel() == 1 else 1.0 for lr in lr_w]
+                alpha_b = [float(lr) if lr.numel() == 1 else None for lr in lr_b]
+            # A weight with more than one input and a one-number rate that does not learn: its update is fused into
+            # the gradient's matmul (W - a d^T h in one baddbmm); the per-task gradient is never formed.
+            fused = {i for i, ((wn, _), w, lr) in enumerate(zip(names, ws, lr_w))
+                     if wn not in learn and lr.numel() == 1 and w.shape[-1] > 1}
+            gw, gb = _grads(ws, bs, sx, sy, act, tape=tape, skip=fused)
+            saved.append((ws, gw if learn else None, gb if learn else None, tape, lr_w, lr_b, alpha_w, alpha_b))
+            outs, ds = tape[0], tape[2]
+            ws = [_LowRank(w, ds[i], outs[i], alpha_w[i]) if i in factored
+                  else torch.baddbmm(w, ds[i].transpose(-1, -2), outs[i], alpha=-alpha_w[i]) if i in fused
+                  else _sgd(w, lr, g)
+                  for i, (w, lr, g) in enumerate(zip(ws, lr_w, gw))]
             bs = [_sgd(b, lr, g) for b, lr, g in zip(bs, lr_b, gb)]
-        # One inner step: lam_1 of a hidden-to-hidden weight is only used as a direction for the Hessian and summed
-        # over tasks, so (rate a scalar, not learned) it stays as its factors d^T h per task, never formed.
-        factored = set()
-        if inner.steps == 1:
-            factored = {i for i, ((wn, _), w, lr) in enumerate(zip(names, ws, saved[0][4]))
-                        if wn not in learn and lr.numel() == 1 and min(w.shape[-2:]) > 1}
         qtape = []
         lw, lb, loss = _grads(ws, bs, qx, qy, act, with_loss=True, scale=1.0 / qx.shape[0],  # lam_S, per task
                               tape=qtape if factored else None, skip=factored)
         lr_grads = {n: torch.zeros_like(r) for n, r in learn.items()}
         for step in reversed(range(inner.steps)):
-            ws_s, gw, gb, tape, lr_w, lr_b = saved[step]
-            for (wn, bn), g_w, g_b, lam_w, lam_b in zip(names, gw, gb, lw, lb):
-                for name, g, lam in ((wn, g_w, lam_w), (bn, g_b, lam_b)):
-                    if name in learn:
-                        idx = min(step, lr_grads[name].shape[0] - 1)
-                        lr_grads[name][idx] -= (g * lam).sum_to_size(lr_grads[name][idx].shape)
+            ws_s, gw, gb, tape, lr_w, lr_b, alpha_w, alpha_b = saved[step]
+            if learn:
+                for (wn, bn), g_w, g_b, lam_w, lam_b in zip(names, gw, gb, lw, lb):
+                    for name, g, lam in ((wn, g_w, lam_w), (bn, g_b, lam_b)):
+                        if name in learn:
+                            idx = min(step, lr_grads[name].shape[0] - 1)
+                            lr_grads[name][idx] -= (g * lam).sum_to_size(lr_grads[name][idx].shape)
             # the direction a_s * lam_{s+1}: a one-number weight rate is folded into the HVP's matmuls (no copy)
-            vw, alpha_w = [], []
+            vw = []
             for i, (lr, lam) in enumerate(zip(lr_w, lw)):
-                scalar = lr.numel() == 1
                 if i in factored:
-                    vw.append((qtape[2][i], qtape[0][i]))  # (dL/dz, layer input) of the query pass
+                    # (dL/dz, layer input) of the query pass, and (x H^T)^T, (d D^T)^T from its products with W_1
+                    xh, dd = ws[i].xh, ws[i].dd  # dd None for a first layer: no d @ W_1 there, and the HVP needs none
+                    vw.append((qtape[2][i], qtape[0][i], xh.transpose(-1, -2),
+                               None if dd is None else dd.transpose(-1, -2)))
                 else:
-                    vw.append(lam if scalar else lr * lam)
-                alpha_w.append(float(lr) if scalar else 1.0)
-            vb = [lr * lam for lr, lam in zip(lr_b, lb)]
+                    vw.append(lam if lr.numel() == 1 else lr * lam)
+            # ... and a one-number bias rate into the `beta` of the matmul that adds the bias direction (no copy)
+            vb = [(lam, a) if a is not None and i and ws_s[i].shape[-1] > 1 else lr * lam
+                  for i, (lr, lam, a) in enumerate(zip(lr_b, lb, alpha_b))]
             if step == 0:  # theta_0 is shared: only the task-sum of lam_0 is needed
                 lw = [_outer(qtape[2][i], qtape[0][i], True) if i in factored else lam.sum(0) for i, lam in enumerate(lw)]
                 lb = [lam.sum(0) for lam in lb]

@@ -245,3 +245,38 @@ def test_hand_derived_second_order_float64(name, activation, steps):
     assert set(rf) == set(rg) == (set(params) if name == "metasgd" else set())
     for n in rg:
         assert rel_diff(rf[n], rg[n]) < 1e-10, f"lr:{n}"
+
+
+def _spread_rates(lrs, learned, seed=3):
+    """Distinct rates per layer and step (so a rate reused for the wrong step or layer would show); only the
+    names in `learned` keep requires_grad."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: (r.detach() * (1 + torch.rand(r.shape, generator=gen))).requires_grad_(n in learned)
+            for n, r in lrs.items()}
+
+
+@pytest.mark.parametrize("steps", [2, 5])
+def test_hand_derived_second_order_fixed_per_step_rates(steps):
+    # MAML++ per-layer-per-step rates that do not learn, trained for 2 steps and run for `steps`: the weight
+    # updates are fused into the gradient matmuls (a different one-number rate per step) and the bias rates
+    # folded into the Hessian-vector products' matmuls; the rates of the last trained step carry on
+    model, alg, params, lrs, batch = setup("mamlpp", 2, multi_step_loss=False,
+                                           spec={"in_features": 1, "hidden": [16, 24, 8], "out_features": 1})
+    lrs = _spread_rates(lrs, learned=())
+    alg_s = resolve(AlgorithmConfig(name="mamlpp", inner_steps=steps, multi_step_loss=False), "mse")
+    assert uses_fast_path(model, alg_s, params, batch) and not alg_s.first_order
+    assert assert_same(model, alg_s, params, lrs, batch)[1] == {}
+
+
+@pytest.mark.parametrize("learned", [("body.2.weight", "body.4.weight"), ("body.2.weight",)])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_hand_derived_second_order_some_rates_learned(steps, learned):
+    # only some hidden weights' rates learn: those weights keep their per-task inner gradients (for the rates'
+    # gradients), every other weight takes the fused update (with one step, the other hidden-to-hidden weight
+    # stays low-rank beside the learned one), the biases' folded rates
+    model, alg, params, lrs, batch = setup("mamlpp", steps, multi_step_loss=False,
+                                           spec={"in_features": 1, "hidden": [16, 24, 8], "out_features": 1})
+    learned = set(learned)
+    lrs = _spread_rates(lrs, learned)
+    _, rf = assert_same(model, alg, params, lrs, batch)
+    assert set(rf) == learned
