@@ -279,7 +279,9 @@ class Agent(ModelLifecycle):
         q = self.queue
         if timeout and (not q or self._output_full()):
             self._wake.clear()
-            if not q or self._output_full():  # re-checked after clear(): a wake in between set it again
+            # Re-checked after clear(): a wake in between set it again. PUBACKs that arrived before the
+            # clear() will not wake us again: handle them now (they may be what frees the window).
+            if (not q or self._output_full()) and not self.transport.published:
                 self._wake.wait(timeout)
             if self._output_full():
                 return []
@@ -396,7 +398,10 @@ class Agent(ModelLifecycle):
             n, self._overflow = self._overflow, 0
             log.debug("broker sent %d QoS 1 message(s) beyond our Receive Maximum; held back", n)
 
-        self.store.append(records)  # durable from here on
+        # Durable from here on. Only PUBACK records ("k": prediction confirmed) need no fsync of their
+        # own: lost in a crash, their predictions are re-sent from the outbox (marked resent; consumers
+        # dedupe by id). Otherwise every PUBACK that wakes an idle worker would cost an fsync.
+        self.store.append(records, sync=bool(batch) or any(r["t"] != "k" for r in records))
         now = time.monotonic()
         for sid, payload, t_recv, adapted, n_support in out:
             self._unsent.append((sid, payload, False))

@@ -364,8 +364,9 @@ class Store:
                 state.load_section(name, items)
         return int(head["journal_seq"])
 
-    def append(self, records: list[dict]) -> None:
-        """Durably append records: when this returns, they survive a crash."""
+    def append(self, records: list[dict], sync: bool = True) -> None:
+        """Append records; with `sync` (fsync) they survive a crash when this returns. Without, they
+        become durable with the next synced append (or are lost with a crash before it)."""
         if not records:
             return
         try:
@@ -374,7 +375,8 @@ class Store:
             # One line per batch: a batch is replayed whole or (torn by a crash) not at all.
             self._journal.write(_ENCODER.encode(records).encode() + b"\n")
             self._journal.flush()
-            os.fsync(self._journal.fileno())
+            if sync:
+                os.fsync(self._journal.fileno())
         except OSError as e:
             # Disk full or gone: carrying on would acknowledge messages whose effect is not durable.
             raise StateError(f"cannot write the journal in {self.dir}: {e.strerror or e}") from e
