@@ -70,6 +70,16 @@ def _export(gm: torch.fx.GraphModule, args: tuple, dynamic_shapes, input_names, 
     return model
 
 
+def _graph_index(graph) -> tuple[dict, dict, set]:
+    """(tensor name -> producing node, tensor name -> [(consuming node, input index)], graph output names)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    uses: dict[str, list] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, index))
+    return producers, uses, {o.name for o in graph.output}
+
+
 def fuse_gemm_transposes(model: onnx.ModelProto) -> int:
     """Gemm(Transpose(A), B) -> Gemm(A, B, transA=1), likewise for B: one node less per weight update.
 
@@ -78,12 +88,7 @@ def fuse_gemm_transposes(model: onnx.ModelProto) -> int:
     A Transpose that feeds several Gemms (a step-invariant input) is folded into each of them.
     """
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    uses: dict[str, list] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            uses.setdefault(name, []).append((node, index))
-    outputs = {o.name for o in graph.output}
+    producers, uses, outputs = _graph_index(graph)
 
     def is_gemm(node):
         return node.op_type == "Gemm" and node.domain in ("", "ai.onnx")
@@ -184,12 +189,7 @@ def relu_masks_to_hardsigmoid(model: onnx.ModelProto) -> int:
     or an activation above 2^106, which overflows, could differ.) Applied only where every reader of h is
     a Gemm (as A or B) or the mask."""
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    uses: dict[str, list] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            uses.setdefault(name, []).append((node, index))
-    outputs = {o.name for o in graph.output}
+    producers, uses, outputs = _graph_index(graph)
 
     def standard(node, op):
         return node.op_type == op and node.domain in ("", "ai.onnx")
