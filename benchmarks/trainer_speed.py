@@ -66,7 +66,7 @@ from meta_train.config import AlgorithmConfig, Config  # noqa: E402
 from meta_train.inner import init_inner_lrs  # noqa: E402
 from meta_train.model import build_model, init_params  # noqa: E402
 from meta_train.tasks.sinusoid import SinusoidOptions, SinusoidSource  # noqa: E402
-from meta_train.train import OuterOptimizer, keep_freed_memory, meta_lr_at, meta_step  # noqa: E402
+from meta_train.train import OuterOptimizer, keep_freed_memory, meta_lr_at, meta_step, meta_threads  # noqa: E402
 
 HIDDEN = [40, 40]
 SHOTS = QUERY = 10
@@ -74,6 +74,7 @@ INNER_LR = 0.01
 META_LR = 1e-3
 SEED = 0
 TARGETS = {25: 20.0, 100: 50.0}  # required speed-up of ours over learn2learn, by meta-batch
+THREADS = 1  # --threads: the CPU threads every implementation may use
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ class Impl:
     def sample(self):
         return self.source.sample("train", self.case.batch, SHOTS, QUERY, self.gen)
 
+    def enter(self) -> None:
+        """Before each timed slice: this implementation's thread settings (torch's are process-wide)."""
+        torch.set_num_threads(THREADS)
+
     def iteration(self) -> None:
         raise NotImplementedError
 
@@ -139,15 +144,25 @@ class Ours(Impl):
         self.lrs = {n: r.requires_grad_(self.alg.inner.learn_lr) for n, r in init_inner_lrs(self.params, self.alg.inner).items()}
         self.optimizer = self.make_optimizer()
         self.it = 0
+        # As train() decides with train.threads = --threads: the tasks split over the threads, intra-op 1 (fast path
+        # as TorchScript), or the threads as torch's intra-op threads (anything else)
+        self.cfg.train.threads = THREADS
+        self.task_threads = meta_threads(self.cfg, self.model, self.alg, self.params, self.lrs, self.sample(),
+                                         torch.device("cpu"), fast=self.fast)
+        torch.set_num_threads(THREADS)
 
     fast = None  # meta_gradient's default: the batched-MLP fast path where supported
+
+    def enter(self):
+        torch.set_num_threads(1 if self.task_threads > 1 else THREADS)
 
     def make_optimizer(self):
         # As train.py builds it on CPU/CUDA (parameters as views into one flat tensor, fused Adam on it).
         return OuterOptimizer(self.params, self.lrs, self.cfg.train.meta_lr, fused=True)
 
     def gradient(self, batch):
-        return meta_gradient(self.model, self.alg, self.params, self.lrs, batch, self.it, fast=self.fast)
+        return meta_gradient(self.model, self.alg, self.params, self.lrs, batch, self.it, fast=self.fast,
+                             threads=self.task_threads)
 
     def meta_grads(self, batch):
         _, param_grads, _ = self.gradient(batch)
@@ -156,7 +171,7 @@ class Ours(Impl):
     def iteration(self):
         # The trainer's own outer update (meta_train.train.meta_step); no DDP at world size 1.
         meta_step(self.model, self.alg, self.params, self.lrs, self.optimizer, self.sample().shard(0, 1), self.it,
-                  self.cfg, fast=self.fast)
+                  self.cfg, fast=self.fast, threads=self.task_threads)
         self.it += 1
 
 
@@ -420,6 +435,7 @@ def check_agreement(names: list[str], case: Case, batch_size: int = 8, tol: floa
 
 
 def run_slice(impl: Impl, seconds: float, min_iters: int) -> tuple[int, float]:
+    impl.enter()
     n, t0 = 0, time.perf_counter()
     while True:
         impl.iteration()
@@ -526,7 +542,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per config")
     p.add_argument("--slice", type=float, default=0.5, help="seconds per implementation per round (>= 1 iteration)")
     p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per implementation per config (>= 2 iterations)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for everyone (default 1: tiny ops, shared box)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for everyone (default 1): the peers' torch intra-op threads; ours as train.threads "
+                        "(the tasks split over them on the TorchScript fast path)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 0.1 s")
     p.add_argument("--no-check", action="store_true", help="skip the gradient-agreement check")
     p.add_argument("--out", type=Path, help="write the full results as JSON here")
@@ -534,6 +552,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.rounds, args.slice, args.warmup = 2, 0.1, 0.1
 
+    global THREADS
+    THREADS = args.threads
     torch.set_num_threads(args.threads)
     # As train() does: malloc keeps freed memory (no page faults on every iteration). Process-wide, so every
     # implementation runs under it (the peers' per-task loops allocate little and are not affected by it).

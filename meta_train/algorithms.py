@@ -115,6 +115,13 @@ def uses_fast_path(model, alg: Algorithm, params, batch, iteration: int = 0, fas
     return _plan(model, alg, params, batch, iteration, fast) is not None
 
 
+def splits_tasks(model, alg: Algorithm, params, lrs, batch, iteration: int = 0, fast: bool | None = None) -> bool:
+    """Whether meta_gradient's `threads` applies to this call: the fast path's TorchScript kernels (no learned inner
+    rate; not Reptile)."""
+    spec = _plan(model, alg, params, batch, iteration, fast)
+    return spec is not None and alg.name != "reptile" and fast_mlp.scripted(model, alg.inner, lrs, spec)
+
+
 def meta_loss(model, alg: Algorithm, params, lrs, batch, iteration: int = 0, fast: bool | None = None) -> torch.Tensor:
     """Mean query loss over the meta-batch after adaptation; differentiable w.r.t. params and lrs.
 
@@ -155,10 +162,12 @@ def reptile_displacement(
     return losses.mean().detach(), grads
 
 
-def meta_gradient(model, alg: Algorithm, params, lrs, batch, iteration: int = 0, fast: bool | None = None):
+def meta_gradient(model, alg: Algorithm, params, lrs, batch, iteration: int = 0, fast: bool | None = None,
+                  threads: int = 1):
     """(loss, grads for params, grads for learnable lrs). Gradients are of the mean over this batch.
 
     `fast` (default `fast_mlp.ENABLED`): use the batched-MLP path when the model and loss allow it.
+    `threads`: where that path runs as TorchScript (`splits_tasks`), split the tasks over up to this many threads.
     """
     if alg.name == "reptile":
         loss, grads = reptile_displacement(model, alg, params, lrs, batch, fast)
@@ -169,8 +178,8 @@ def meta_gradient(model, alg: Algorithm, params, lrs, batch, iteration: int = 0,
         # The fast path: the hand-derived meta-gradient, no autograd. First order: the query gradient at the
         # adapted weights; second order: reverse mode through the unrolled inner loop (Hessian-vector products).
         if alg.first_order_at(iteration):
-            return fast_mlp.first_order_gradient(model, alg.inner, params, lrs, batch, learn, spec)
-        return fast_mlp.second_order_gradient(model, alg.inner, params, lrs, batch, learn, spec)
+            return fast_mlp.first_order_gradient(model, alg.inner, params, lrs, batch, learn, spec, threads)
+        return fast_mlp.second_order_gradient(model, alg.inner, params, lrs, batch, learn, spec, threads)
     loss = meta_loss(model, alg, params, lrs, batch, iteration, fast)
     leaves = list(params.values()) + list(learn.values())
     all_grads = torch.autograd.grad(loss, leaves, allow_unused=True)

@@ -54,6 +54,9 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 5000
     progress: bool = True
+    # CPU threads (0: torch's intra-op count, one per core by default). With the TorchScript fast path the tasks of
+    # a meta-batch are split over them; otherwise they are torch's intra-op threads (see train.meta_threads).
+    threads: int = 0
 
 
 @dataclass
@@ -168,6 +171,8 @@ def validate(cfg: Config) -> Config:
     for name in ("iterations", "meta_batch", "shots", "query"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1")
+    if cfg.train.threads < 0:
+        raise ConfigError("train.threads must be >= 0 (0: one per core)")
     if not isinstance(cfg.task, dict) or "name" not in cfg.task:
         raise ConfigError("task.name is required (e.g. sinusoid, quality, vibration, cwru, table)")
     return cfg

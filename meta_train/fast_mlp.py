@@ -14,6 +14,10 @@ standardize, spectrum: applied once per batch), MSE, all parameters adapted (no 
 (no MAML++ multi-step loss), fixed / per-parameter / per-layer-per-step inner rates, learned or not, first or
 second order; and Reptile's displacement. Anything else takes the generic path; so does everything when
 `ENABLED` is False (or `fast=False` is passed to `algorithms.meta_loss` / `meta_gradient`).
+
+When no inner rate learns and each is one number per layer and step (MAML, FOMAML, fixed MAML++ rates), the two
+gradients run as fast_script's TorchScript copies of the same maths (less per-op overhead, no GIL: the tasks
+can be split over threads); `SCRIPTED = False` keeps them on the Python code below.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast_script
 from .inner import step_lr
 from .model import MLP
 
 ENABLED = True  # default for algorithms.meta_loss / meta_gradient / reptile_displacement when fast=None
+SCRIPTED = True  # fixed one-number inner rates: the TorchScript kernels of fast_script (False: the Python below)
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh"}
 
@@ -273,13 +279,41 @@ def _by_name(names, ws, bs) -> dict:
     return out
 
 
-def first_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=None) -> tuple[torch.Tensor, dict, dict]:
+def scripted(model, inner, lrs, spec=None) -> bool:
+    """Whether the gradients below run as fast_script's TorchScript kernels (no inner rate learns, each one
+    number per layer and step), which can split the tasks over threads."""
+    if not SCRIPTED or any(r.requires_grad for r in lrs.values()):
+        return False
+    names, _ = spec or layers(model)
+    return fast_script.fixed_rates(lrs, names, inner.steps) is not None
+
+
+def _scripted(kernel, model, inner, params, lrs, batch, learn: dict, spec, threads: int):
+    """`kernel` (fast_script) when every inner rate is a fixed number per layer and step, else None."""
+    if learn or not SCRIPTED:
+        return None
+    names, act = spec or layers(model)
+    with torch.no_grad():
+        sx, sy, qx, qy, ws, bs, rates = _prepare(model, params, lrs, batch, names)
+        fixed = fast_script.fixed_rates(rates, names, inner.steps)
+        if fixed is None:
+            return None
+        loss, gw, gb = fast_script.gradient(kernel, ws, bs, sx, sy, qx, qy, *fixed, act == "relu", threads)
+    grads = _by_name(names, gw, gb)
+    return loss, {n: grads[n] for n in params}, {}
+
+
+def first_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=None,
+                         threads: int = 1) -> tuple[torch.Tensor, dict, dict]:
     """First-order meta-gradient with no autograd at all: (mean query loss, param grads, grads of `learn` lrs).
 
     With the inner gradient cut, each adapted parameter is `p - sum_s lr_s * g_s` with `g_s` a constant, so the
     meta-gradient of p is the task-mean of the query gradient G at the adapted weights (identity Jacobian), and
     that of a rate used at step s is the task-mean of `-g_s * G`, summed down to the rate's shape.
     """
+    scripted = _scripted(fast_script.first_order, model, inner, params, lrs, batch, learn, spec, threads)
+    if scripted is not None:
+        return scripted
     names, act = spec or layers(model)
     with torch.no_grad():
         sx, sy, qx, qy, ws, bs, rates = _prepare(model, params, lrs, batch, names)
@@ -353,7 +387,8 @@ def _hvp_sub_(ws, tape, vw, vb, act: str, scale: float, lw, lb, alpha_w):
                 rd.sub_(2.0 * ts[i] * outs[i] * r[i])
 
 
-def second_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=None) -> tuple[torch.Tensor, dict, dict]:
+def second_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=None,
+                          threads: int = 1) -> tuple[torch.Tensor, dict, dict]:
     """Second-order meta-gradient with no autograd: (mean query loss, param grads, grads of `learn` lrs).
 
     Reverse mode through the unrolled inner SGD by hand. With theta_{s+1} = theta_s - a_s * g_s(theta_s) per task
@@ -366,6 +401,9 @@ def second_order_gradient(model, inner, params, lrs, batch, learn: dict, spec=No
     with one inner step, the per-task query gradient of a hidden-to-hidden weight is used as its factors (d^T h),
     never formed.
     """
+    scripted = _scripted(fast_script.second_order, model, inner, params, lrs, batch, learn, spec, threads)
+    if scripted is not None:
+        return scripted
     names, act = spec or layers(model)
     with torch.no_grad():
         sx, sy, qx, qy, ws, bs, rates = _prepare(model, params, lrs, batch, names)

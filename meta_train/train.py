@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .algorithms import Algorithm, meta_gradient, resolve
+from .algorithms import Algorithm, meta_gradient, resolve, splits_tasks
 from .config import Config, to_dict
 from .errors import ConfigError
 from .inner import init_inner_lrs
@@ -205,14 +205,32 @@ class OuterOptimizer:
         self.adam.load_state_dict({"state": state, "param_groups": [{**groups[0], "params": [0]}]})
 
 
+def meta_threads(cfg: Config, model, alg: Algorithm, params: dict, lrs: dict, batch, device: torch.device,
+                 fast: bool | None = None) -> int:
+    """Set torch's intra-op threads for this run and return the meta-gradient's task threads (1: no split).
+
+    `train.threads` (0: torch's current intra-op count, one per core by default). Where the meta-gradient runs as
+    TorchScript kernels on the CPU (algorithms.splits_tasks) the tasks are split over that many threads and torch's
+    intra-op threads are set to 1: per-task matrices this small gain little inside each op, and OpenMP threads
+    spinning after each intra-op region take the cores the chunks run on (B=100, 5 second-order steps, 2 cores:
+    3.7 ms per meta-batch mixed, 2.3 ms not). Anything else keeps them as its intra-op threads.
+    """
+    threads = cfg.train.threads or torch.get_num_threads()
+    if device.type == "cpu" and threads > 1 and splits_tasks(model, alg, params, lrs, batch, fast=fast):
+        torch.set_num_threads(1)
+        return threads
+    torch.set_num_threads(threads)
+    return 1
+
+
 def meta_step(model, alg: Algorithm, params: dict, lrs: dict, optimizer: OuterOptimizer, batch, iteration: int,
-              cfg: Config, ddp: "Distributed | None" = None, fast: bool | None = None) -> float:
+              cfg: Config, ddp: "Distributed | None" = None, fast: bool | None = None, threads: int = 1) -> float:
     """One outer update: meta-gradient, average over processes, clip, Adam step. Returns the meta-loss.
 
-    `optimizer` is the OuterOptimizer that holds `params` and `lrs`. The benchmark in benchmarks/trainer_speed.py
-    times exactly this function.
+    `optimizer` is the OuterOptimizer that holds `params` and `lrs`; `threads` is meta_threads'. The benchmark in
+    benchmarks/trainer_speed.py times exactly this function.
     """
-    loss, param_grads, lr_grads = meta_gradient(model, alg, params, lrs, batch, iteration, fast=fast)
+    loss, param_grads, lr_grads = meta_gradient(model, alg, params, lrs, batch, iteration, fast=fast, threads=threads)
     parts = [param_grads[n] for n in params] + [lr_grads[n] for n in lrs if lrs[n].requires_grad]
     # one flat gradient (the loss rides along for the all-reduce): clipping is one norm, Adam one tensor
     flat = torch.cat([g.reshape(-1) for g in parts] + [loss.detach().reshape(1)])
@@ -275,6 +293,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
     stop = cfg.train.iterations if max_iterations is None else min(cfg.train.iterations, start + max_iterations)
     progress = Progress(cfg.train.iterations, start, cfg.train.progress and ddp.is_main)
     running, t0 = None, time.time()
+    intra_op_threads, task_threads = torch.get_num_threads(), None
 
     def save(iteration):
         if ddp.is_main:
@@ -291,20 +310,25 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
                 generator_state=task_gen.get_state(),
             )
 
-    for iteration in range(start, stop):
-        batch = source.sample("train", cfg.train.meta_batch, cfg.train.shots, cfg.train.query, task_gen)
-        batch = batch.shard(ddp.rank, ddp.world).to(device)
-        loss_value = meta_step(model, alg, params, lrs, optimizer, batch, iteration, cfg, ddp)
-        running = loss_value if running is None else 0.98 * running + 0.02 * loss_value
-        done = iteration + 1
-        progress.update(done, running)
-        if metrics and (done % cfg.train.log_every == 0 or done == stop):
-            record = {"iteration": done, "meta_loss": loss_value, "meta_loss_ema": running,
-                      "meta_lr": meta_lr_at(cfg, iteration), "elapsed_s": round(time.time() - t0, 3)}
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-            save(done)
+    try:
+        for iteration in range(start, stop):
+            batch = source.sample("train", cfg.train.meta_batch, cfg.train.shots, cfg.train.query, task_gen)
+            batch = batch.shard(ddp.rank, ddp.world).to(device)
+            if task_threads is None:
+                task_threads = meta_threads(cfg, model, alg, params, lrs, batch, device)
+            loss_value = meta_step(model, alg, params, lrs, optimizer, batch, iteration, cfg, ddp, threads=task_threads)
+            running = loss_value if running is None else 0.98 * running + 0.02 * loss_value
+            done = iteration + 1
+            progress.update(done, running)
+            if metrics and (done % cfg.train.log_every == 0 or done == stop):
+                record = {"iteration": done, "meta_loss": loss_value, "meta_loss_ema": running,
+                          "meta_lr": meta_lr_at(cfg, iteration), "elapsed_s": round(time.time() - t0, 3)}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+                save(done)
+    finally:
+        torch.set_num_threads(intra_op_threads)  # the caller's setting, as it was (meta_threads changes it)
     save(stop)
     if metrics:
         metrics.close()
