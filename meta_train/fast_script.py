@@ -233,27 +233,24 @@ def _combine(results: List[Tuple[Tensor, List[Tensor], List[Tensor]]]) -> Tuple[
     return loss, gw, gb
 
 
-def second_order_chunked(ws: List[Tensor], bs: List[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
-                         lr_w: List[List[float]], lr_b: List[List[float]], relu: bool, tasks: float,
-                         bounds: List[int]) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    futures = [torch.jit.fork(second_order, ws, bs, sx[bounds[c]:bounds[c + 1]], sy[bounds[c]:bounds[c + 1]],
-                              qx[bounds[c]:bounds[c + 1]], qy[bounds[c]:bounds[c + 1]], lr_w, lr_b, relu, tasks)
-               for c in range(1, len(bounds) - 1)]
-    results = [second_order(ws, bs, sx[:bounds[1]], sy[:bounds[1]], qx[:bounds[1]], qy[:bounds[1]], lr_w, lr_b,
-                            relu, tasks)]
-    for f in futures:
-        results.append(torch.jit.wait(f))
-    return _combine(results)
+def _kernel(second: bool, ws: List[Tensor], bs: List[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
+            lr_w: List[List[float]], lr_b: List[List[float]], relu: bool,
+            tasks: float) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    if second:
+        return second_order(ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu, tasks)
+    return first_order(ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu, tasks)
 
 
-def first_order_chunked(ws: List[Tensor], bs: List[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
-                        lr_w: List[List[float]], lr_b: List[List[float]], relu: bool, tasks: float,
-                        bounds: List[int]) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    futures = [torch.jit.fork(first_order, ws, bs, sx[bounds[c]:bounds[c + 1]], sy[bounds[c]:bounds[c + 1]],
+def chunked(second: bool, ws: List[Tensor], bs: List[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
+            lr_w: List[List[float]], lr_b: List[List[float]], relu: bool, tasks: float,
+            bounds: List[int]) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    """The kernel on tasks [bounds[c], bounds[c+1]) for each c, in parallel: the first chunk here, the others on
+    torch's inter-op thread pool (torch.jit.fork; one thread per core by default); summed in chunk order."""
+    futures = [torch.jit.fork(_kernel, second, ws, bs, sx[bounds[c]:bounds[c + 1]], sy[bounds[c]:bounds[c + 1]],
                               qx[bounds[c]:bounds[c + 1]], qy[bounds[c]:bounds[c + 1]], lr_w, lr_b, relu, tasks)
                for c in range(1, len(bounds) - 1)]
-    results = [first_order(ws, bs, sx[:bounds[1]], sy[:bounds[1]], qx[:bounds[1]], qy[:bounds[1]], lr_w, lr_b,
-                           relu, tasks)]
+    end = bounds[1]
+    results = [_kernel(second, ws, bs, sx[:end], sy[:end], qx[:end], qy[:end], lr_w, lr_b, relu, tasks)]
     for f in futures:
         results.append(torch.jit.wait(f))
     return _combine(results)
@@ -305,7 +302,7 @@ def _script(fn):
 
 def gradient(kernel, ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu: bool, threads: int = 1):
     """(mean query loss, [dW], [db]) over the batch. With threads > 1 (CPU), `kernel` runs on contiguous chunks
-    of tasks in parallel (torch.jit.fork: the caller computes the first chunk), summed in chunk order. The caller
+    of tasks in parallel (`chunked`), as many as the work is worth (`chunks_for`). The caller
     keeps torch's intra-op threads at 1 meanwhile (see train.meta_threads): OpenMP threads spinning after an
     intra-op parallel region would take the cores the chunks run on."""
     tasks = sx.shape[0]
@@ -316,5 +313,4 @@ def gradient(kernel, ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu: bool, threads: in
     if n == 1:
         return _script(kernel)(ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu, float(tasks))
     bounds = [tasks * c // n for c in range(n + 1)]
-    chunked = _script(second_order_chunked if second else first_order_chunked)
-    return chunked(ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu, float(tasks), bounds)
+    return _script(chunked)(second, ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu, float(tasks), bounds)
