@@ -260,19 +260,17 @@ def chunked(second: bool, ws: List[Tensor], bs: List[Tensor], sx: Tensor, sy: Te
 
 def fixed_rates(rates: dict, names, steps: int) -> tuple[list[list[float]], list[list[float]]] | None:
     """Per step, per layer, the (weight, bias) inner rates as Python floats, or None if any is not one number."""
-    lr_w, lr_b = [], []
-    for step in range(steps):
-        row_w, row_b = [], []
-        for wn, bn in names:
-            for name, row in ((wn, row_w), (bn, row_b)):
-                r = rates[name]
-                r = r[min(step, r.shape[0] - 1)]  # inner.step_lr: the last trained rate carries on
-                if r.numel() != 1:
-                    return None
-                row.append(float(r))
-        lr_w.append(row_w)
-        lr_b.append(row_b)
-    return lr_w, lr_b
+    per_name = {}
+    for wn, bn in names:
+        for name in (wn, bn):
+            r = rates[name]
+            if r[0].numel() != 1:
+                return None
+            per_name[name] = r.reshape(-1).tolist()  # one float per trained step (one conversion per tensor)
+    # inner.step_lr: beyond the trained steps the last rate carries on
+    pick = [[per_name[name][min(step, len(per_name[name]) - 1)] for name in names_of]
+            for step in range(steps) for names_of in ([wn for wn, _ in names], [bn for _, bn in names])]
+    return pick[0::2], pick[1::2]
 
 
 def chunks_for(tasks: int, work_per_task: float, threads: int) -> int:
