@@ -300,9 +300,9 @@ def _script(fn):
 
 def gradient(kernel, ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu: bool, threads: int = 1):
     """(mean query loss, [dW], [db]) over the batch. With threads > 1 (CPU), `kernel` runs on contiguous chunks
-    of tasks in parallel (`chunked`), as many as the work is worth (`chunks_for`). The caller
-    keeps torch's intra-op threads at 1 meanwhile (see train.meta_threads): OpenMP threads spinning after an
-    intra-op parallel region would take the cores the chunks run on."""
+    of tasks in parallel (`chunked`), as many as the work is worth (`chunks_for`), torch's intra-op threads at 1
+    during the call. A training loop should keep them at 1 throughout (train.meta_threads): OpenMP threads
+    spinning after an intra-op parallel region elsewhere in the loop would take the cores the chunks run on."""
     tasks = sx.shape[0]
     second = kernel is second_order
     n = 1
@@ -311,4 +311,11 @@ def gradient(kernel, ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu: bool, threads: in
     if n == 1:
         return _script(kernel)(ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu, float(tasks))
     bounds = [tasks * c // n for c in range(n + 1)]
-    return _script(chunked)(second, ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu, float(tasks), bounds)
+    previous = torch.get_num_threads()
+    # Each chunk on one core. Also what torch's inter-op pool threads take as their intra-op count when the first
+    # fork starts them: without this a caller at 2 intra-op threads would leave every chunk running 2 more.
+    torch.set_num_threads(1)
+    try:
+        return _script(chunked)(second, ws, bs, sx, sy, qx, qy, lr_w, lr_b, relu, float(tasks), bounds)
+    finally:
+        torch.set_num_threads(previous)
