@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,10 @@ def _train(args) -> int:
     cfg = load_config(args.config, overrides)
     path = train(cfg, args.out, resume=args.resume, max_iterations=args.max_iterations)
     print(f"checkpoint: {path}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .train import leave_worker
+
+        leave_worker(0)  # under torchrun: see leave_worker for why not a normal interpreter exit
     return 0
 
 

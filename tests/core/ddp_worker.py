@@ -9,7 +9,7 @@ from meta_train.config import AlgorithmConfig
 from meta_train.inner import init_inner_lrs
 from meta_train.model import build_model, init_params
 from meta_train.tasks.sinusoid import SinusoidOptions, SinusoidSource
-from meta_train.train import Distributed
+from meta_train.train import Distributed, leave_worker
 
 
 def main(out_path: str, algorithm: str) -> None:
@@ -29,3 +29,4 @@ def main(out_path: str, algorithm: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    leave_worker(0)
