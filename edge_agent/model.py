@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +23,41 @@ def load_manifest(bundle_dir: str, public_key: str | None, allow_unsigned: bool)
     return verify_bundle(bundle_dir, public_key_path=public_key, allow_unsigned=allow_unsigned, isolate_signature=True)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def import_onnxruntime():
+    """onnxruntime, imported without telemetry and without its coloured stderr lines.
+
+    Its default logger (severity WARNING, ANSI colours, straight to fd 2) is created while the module
+    is imported, before any API can change it; on a device with an unusual /sys/class/drm it prints a
+    "GPU device discovery failed" warning there. fd 2 is pointed at a temp file for the import, and
+    what it caught is logged at debug, one plain line each; afterwards the default severity is ERROR
+    (session errors still raise as exceptions)."""
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # edge_agent/__init__ set it already; cheap to be sure
+    with tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            import onnxruntime as ort
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        text = caught.read().decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        if line.strip():
+            log.debug("onnxruntime at import: %s", _ANSI.sub("", line).strip())
+    ort.set_default_logger_severity(3)
+    return ort
+
+
 def ort_session(path: Path):
     """The device's onnxruntime settings; the exporter proves parity with exactly these."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     so = ort.SessionOptions()
     # One thread each: the device shares its cores with the line's own software, and our batches are

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
 bash scripts/ensure_mosquitto.sh
+bash scripts/ensure_strace.sh
 export CWRU_DATA=${CWRU_DATA:-$(cd .. && pwd)/shared/data/cwru}
 .venv/bin/python -m pytest -q "$@"
 if [ $# -eq 0 ]; then
