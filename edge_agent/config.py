@@ -101,6 +101,9 @@ class Config:
 
 
 _NOT_KEYS = {"path"}
+# Keys whose values never appear in an error message: errors reach the journal and, on a refused
+# SIGHUP reload, the `errors` topic that operator and monitor accounts read.
+SECRET_KEYS = {"broker.password"}
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -116,10 +119,20 @@ def load_config(path: str | os.PathLike) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        # Not str(e): PyYAML quotes the offending source lines, which may be the password line.
+        raise ConfigError(f"{p}: not valid YAML{_yaml_where(e)}") from None
     cfg = config_from_dict(data if data is not None else {}, base_dir=p.resolve().parent)
     cfg.path = str(p)
     return cfg
+
+
+def _yaml_where(e: Exception) -> str:
+    """Line, column and PyYAML's one-phrase diagnosis; never the source text around it."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    what = " ".join(what.split())[:200]  # one line, bounded
+    return f"{where}: {what}" if what else where
 
 
 def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
@@ -158,7 +171,7 @@ def _value(tp: Any, v: Any, path: str) -> Any:
         # YAML reads `protocol: 5` as an int; accept the spelling people will write
         if str(v) in allowed and not isinstance(v, (bool, dict, list)):
             return str(v)
-        raise ConfigError(f"{path}: must be one of {', '.join(map(repr, allowed))}, got {v!r}")
+        raise ConfigError(f"{path}: must be one of {', '.join(map(repr, allowed))}, got {_shown(path, v)}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, path)
     if tp is bool:
@@ -175,7 +188,14 @@ def _value(tp: Any, v: Any, path: str) -> Any:
             return v
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported schema type {tp!r} at {path}")
-    raise ConfigError(f"{path}: expected {tp.__name__}, got {_tname(v)} ({v!r})")
+    raise ConfigError(f"{path}: expected {tp.__name__}, got {_tname(v)} ({_shown(path, v)})")
+
+
+def _shown(path: str, v: Any) -> str:
+    if path in SECRET_KEYS:
+        return "value not shown: secret; quote it in YAML to make it a string"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _tname(v: Any) -> str:

@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import Config
+from .credentials import check_tls_files, read_password_file
 from .errors import ConfigError
 from .observer import Observer
 
@@ -91,10 +92,13 @@ class MqttTransport:
             c.username_pw_set(b.username or "", self._password())
         if b.tls is not None:
             t = b.tls
+            check_tls_files(t.ca, t.cert, t.key)
             try:
                 c.tls_set(ca_certs=t.ca, certfile=t.cert, keyfile=t.key, cert_reqs=ssl.CERT_REQUIRED)
             except (OSError, ssl.SSLError) as e:
-                raise ConfigError(f"broker.tls: cannot load TLS files: {e}") from e
+                # ssl's reason ("PEM lib", "KEY_VALUES_MISMATCH") names neither file nor contents.
+                files = ", ".join(f for f in (t.ca, t.cert, t.key) if f)
+                raise ConfigError(f"broker.tls: cannot load the TLS files ({files}): {e}") from None
             c.tls_insecure_set(t.insecure)
         if inbound:
             c.will_set(self.status_topic, self._offline(), qos=1, retain=True)
@@ -111,11 +115,7 @@ class MqttTransport:
         b = self.cfg.broker
         if b.password_file is None:
             return b.password
-        try:
-            with open(b.password_file, encoding="utf-8") as f:
-                return f.read().rstrip("\r\n")
-        except OSError as e:
-            raise ConfigError(f"broker.password_file: cannot read {b.password_file}: {e.strerror}") from e
+        return read_password_file(b.password_file)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:

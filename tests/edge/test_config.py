@@ -1,5 +1,8 @@
 """agent.yaml validation: unknown keys are named with their path, bad types are refused, exit code 2."""
 
+import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +91,125 @@ def test_cli_missing_and_malformed_files(tmp_path):
         r = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "--config", str(path)],
                            capture_output=True, text=True, cwd=REPO, timeout=60)
         assert r.returncode == 2, r
+
+
+# -- secrets never appear in an error (issue 12, item 3) ---------------------------------------------
+SECRET = "hunter2-Zq81x"
+SECRET_INT = 73519864
+
+
+@pytest.mark.parametrize("value", [SECRET_INT, 7351.9864, [SECRET], {SECRET: 1}, True])
+def test_wrong_typed_password_is_not_echoed(value):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(_with(broker__password=value))
+    msg = str(e.value)
+    assert msg.startswith("broker.password: expected str")
+    for shown in (str(SECRET_INT), "7351", SECRET, "True"):
+        assert shown not in msg, msg
+
+
+@pytest.mark.parametrize("yaml_text", [
+    f'broker:\n  password: "{SECRET}\n  port: 1883\n',              # unclosed quote
+    f"broker:\n  password: {SECRET}: x\n",                          # mapping value where none may be
+    f"broker:\n  password: {SECRET}\n   host: h\n",                 # bad indentation after the password
+    f"broker:\n\tpassword: {SECRET}\n",                              # a tab
+    f"broker: {{password: {SECRET}\n",                               # unclosed flow mapping
+])
+def test_yaml_errors_show_position_not_source_lines(tmp_path, yaml_text):
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert SECRET not in msg and "\n" not in msg, msg
+    assert re.search(r"not valid YAML at line \d+, column \d+", msg), msg
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "edge_agent", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=60, env=env)
+
+
+@pytest.mark.parametrize("contents", [
+    SECRET.encode() + b"\xff\xfe",               # not UTF-8: the decode error would quote these bytes
+    (SECRET + "\n" + SECRET + "\n").encode(),    # two lines
+])
+def test_password_file_contents_are_not_echoed(tmp_path, contents):
+    from edge_agent.credentials import read_password_file
+
+    pw = tmp_path / "mqtt_password"
+    pw.write_bytes(contents)
+    with pytest.raises(ConfigError) as e:
+        read_password_file(str(pw))
+    assert SECRET not in str(e.value) and "\\x" not in str(e.value) and str(pw) in str(e.value)
+    assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)  # no chain quoting it
+
+
+def _tls_config(tmp_path, **tls):
+    from tests.support.certs import make_tls_files
+
+    files = make_tls_files(tmp_path / "tls", client_names=["dev1"])
+    cert, key = files.clients["dev1"]
+    t = {"ca": str(files.ca_cert), "cert": str(cert), "key": str(key)}
+    t.update(tls)
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(_with(broker__tls=t, broker__port=1)))
+    return path
+
+
+def test_tls_key_contents_are_not_echoed(tmp_path):
+    from edge_agent.transport import MqttTransport
+
+    bad_key = tmp_path / "client.key"
+    bad_key.write_text(f"-----BEGIN PRIVATE KEY-----\n{SECRET}\n-----END PRIVATE KEY-----\n")
+    cfg = load_config(_tls_config(tmp_path, key=str(bad_key)))
+    with pytest.raises(ConfigError) as e:
+        MqttTransport(cfg, lambda *a: None, lambda: b"", lambda: b"")
+    assert SECRET not in str(e.value) and str(bad_key) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("which", ["ca", "cert", "key"])
+def test_missing_tls_file_is_named(tmp_path, which):
+    from edge_agent.transport import MqttTransport
+
+    missing = tmp_path / f"missing-{which}.pem"
+    cfg = load_config(_tls_config(tmp_path, **{which: str(missing)}))
+    with pytest.raises(ConfigError) as e:
+        MqttTransport(cfg, lambda *a: None, lambda: b"", lambda: b"")
+    assert f"broker.tls.{which}" in str(e.value) and str(missing) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("yaml_text", [
+    f"broker:\n  password: {SECRET_INT}\n",
+    f'broker:\n  password: "{SECRET}\n',
+])
+def test_cli_config_error_has_no_secret(tmp_path, yaml_text):
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml_text)
+    r = _cli("check-config", "--config", path)
+    assert r.returncode == 2, r
+    assert SECRET not in r.stderr and str(SECRET_INT) not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("<3>"), r.stderr  # one event, one line
+
+
+def test_refused_reload_publishes_no_secret(tmp_path, broker, bundle, line, agent_factory):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path, broker, bundle)
+    agent = agent_factory(cfg).start(line)
+    good = yaml.safe_load(cfg.read_text())
+    bad = [dict(good, broker=dict(good["broker"], password=SECRET_INT)),   # wrong type
+           None]                                                          # YAML error on the password line
+    for i, data in enumerate(bad):
+        if data is None:
+            cfg.write_text(yaml.safe_dump(good) + f'extra:\n  password: "{SECRET}\n')
+        else:
+            cfg.write_text(yaml.safe_dump(data))
+        agent.proc.send_signal(signal.SIGHUP)
+        assert line.wait_for(lambda: len([e for e in line.errors if e.get("reason") == "config_invalid"]) > i, 15), \
+            agent.log()
+    published = json.dumps(line.errors)
+    assert SECRET not in published and str(SECRET_INT) not in published, published
+    assert SECRET not in agent.log() and str(SECRET_INT) not in agent.log()
+    assert agent.proc.poll() is None
+    assert agent.terminate() == 0
