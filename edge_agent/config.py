@@ -35,6 +35,9 @@ class Broker:
     protocol: Literal["5", "3.1.1"] = "5"
     session_expiry: int = 7 * 24 * 3600  # seconds the broker keeps our queue while we are down (MQTT 5)
     username: Optional[str] = None
+    # The outbound (predictions) connection's username, same password; default: `username`. Needed
+    # where the broker makes the username the client id (deploy/mosquitto: <device>-out).
+    outbound_username: Optional[str] = None
     password: Optional[str] = None
     password_file: Optional[str] = None
     tls: Optional[TLS] = None
@@ -221,6 +224,7 @@ def _check(cfg: Config) -> None:
     need(b.keepalive >= 5, "broker.keepalive", "must be >= 5 seconds")
     need(b.session_expiry >= 0, "broker.session_expiry", "must be >= 0")
     need(not (b.password and b.password_file), "broker.password_file", "give password or password_file, not both")
+    need(b.outbound_username is None or b.username is not None, "broker.outbound_username", "needs broker.username")
     need(0 < b.reconnect_min_delay <= b.reconnect_max_delay, "broker.reconnect_min_delay",
          "must be > 0 and <= broker.reconnect_max_delay")
     need(b.connect_timeout > 0, "broker.connect_timeout", "must be > 0")

@@ -89,7 +89,9 @@ class MqttTransport:
         c.max_inflight_messages_set(b.max_inflight)  # narrowed to the broker's Receive Maximum on connect
         c.max_queued_messages_set(0)  # unbounded: predictions are never dropped by the client
         if b.username is not None or b.password_file is not None:
-            c.username_pw_set(b.username or "", self._password())
+            # A broker that pins client ids to usernames (deploy/mosquitto) needs one user per connection.
+            user = b.username if inbound else (b.outbound_username or b.username)
+            c.username_pw_set(user or "", self._password())
         if b.tls is not None:
             t = b.tls
             check_tls_files(t.ca, t.cert, t.key)
