@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import wait_until, write_config
+from conftest import BROKER_CONF, wait_until, write_config
+from edge_agent.simulator import LineClient
 from edge_agent.errors import PayloadError
 from edge_agent.protocol import Schema, decode, parse_context, parse_label, parse_sample
 from fault_tools import Consumer, RobustPublisher, repeats, rss_kib
@@ -262,3 +264,60 @@ def test_fuzzed_payloads_are_reported_not_fatal_and_memory_stays_bounded(tmp_pat
           f"in {time.monotonic() - t0:.1f}s")
     assert growth < 20, f"RSS grew by {growth:.1f} MiB"
     assert agent.terminate() == 0
+
+
+SHIPPED_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
+
+
+def shipped_durability() -> str:
+    """The autosave lines of the shipped broker config, as they are (the case must test those)."""
+    lines = [ln.strip() for ln in SHIPPED_CONF.read_text().splitlines() if ln.strip().startswith("autosave_")]
+    assert lines, f"{SHIPPED_CONF} sets no autosave policy"
+    return "\n".join(lines) + "\n"
+
+
+def test_broker_sigkill_before_any_autosave_keeps_queued_samples(tmp_path, bundle, agent_factory):
+    """Samples queued for the stopped agent, acknowledged by the broker, then the broker SIGKILLed at
+    once, long before a time-based autosave (the old shipped config: every 60 s): after the broker
+    restarts, the agent must get and predict every one (deploy/mosquitto/README.md, Durability)."""
+    from tests.support.mosquitto import start_mosquitto
+
+    broker = start_mosquitto(tmp_path, extra_conf=BROKER_CONF + shipped_durability())
+    try:
+        cfg = write_config(tmp_path, broker, bundle)
+        line = LineClient(broker.host, broker.port, PREFIX)
+        agent = agent_factory(cfg).start(line)  # its persistent session and subscriptions exist now
+        assert agent.terminate() == 0
+        line.close()
+
+        n = 500
+        ids = [f"q-{i}" for i in range(n)]
+        xs = _xs(bundle, n)
+        pub = LineClient(broker.host, broker.port, PREFIX)
+        t0 = time.monotonic()
+        infos = [pub.sample(sid, xs[i]) for i, sid in enumerate(ids)]
+        for info in infos:
+            info.wait_for_publish(30)
+        acked_s = time.monotonic() - t0
+        assert all(info.is_published() for info in infos)
+        # The guarantee: what was acknowledged in an earlier pass of mosquitto's main loop is on disk
+        # (the pass in progress may not be). 0.2 s is thousands of passes and far below any
+        # time-based autosave.
+        time.sleep(0.2)
+        broker.kill()
+        pub.close()
+
+        broker.start()
+        line = LineClient(broker.host, broker.port, PREFIX)
+        try:
+            agent = agent_factory(cfg).start(line, timeout=30)
+            ok = line.wait_predictions(ids, 60)
+            missing = [sid for sid in ids if sid not in line.predictions]
+            assert ok and not missing, f"{len(missing)} of {n} queued samples lost, e.g. {missing[:5]}\n" \
+                                       f"{agent.log()[-2000:]}"
+            print(f"\nqueued={n} published+acked in {acked_s:.2f}s under {shipped_durability()!r}; lost=0")
+            assert agent.terminate() == 0
+        finally:
+            line.close()
+    finally:
+        broker.kill()

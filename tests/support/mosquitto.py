@@ -75,12 +75,14 @@ class MosquittoProc:
             "persistence true",
             f"persistence_location {self.workdir}/",
             "persistence_file mosquitto.db",
-            # Saved every second too, so sessions survive even kill() (SIGKILL), not only stop().
-            "autosave_interval 1",
             "log_dest stderr",
             "log_type all",
             f"listener {self.port} {HOST}",
         ]
+        if "autosave_" not in extra_conf:
+            # Saved every second too, so sessions survive even kill() (SIGKILL), not only stop().
+            # (An extra_conf with its own autosave_* lines, e.g. the shipped durability settings, wins.)
+            lines.append("autosave_interval 1")
         if "allow_anonymous" not in extra_conf:
             lines.append("allow_anonymous true")
         return "\n".join(lines) + "\n" + extra_conf.strip() + "\n"
