@@ -23,11 +23,16 @@ log = logging.getLogger("edge_agent")
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
+def one_line(text: str) -> str:
+    """journald makes each stdout line its own entry, and only the first would carry the <N> prefix
+    (or, prefixed per line, one event would become many): newlines are escaped, one event = one line."""
+    return text.replace("\r\n", "\n").replace("\r", "\\r").replace("\n", "\\n")
+
+
 class SyslogPrefixFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        # Every line, tracebacks included: journald reads each stdout line as its own entry.
-        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
-        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+        # Tracebacks included: `journalctl -o cat | sed 's/\\n/\n/g'` unfolds one.
+        return f"<{_PRIORITY.get(record.levelno, 6)}>" + one_line(super().format(record))
 
 
 def setup_logging(level: str = "info") -> None:
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_from_args(args)
     except EdgeError as e:
         # Logging may not be configured yet (bad config): say it on stderr with a priority too.
-        print(f"<3>edge-agent: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"<3>edge-agent: {type(e).__name__}: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

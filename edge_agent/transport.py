@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import ssl
+import sys
 import threading
 from typing import Callable
 
@@ -41,6 +43,43 @@ from .observer import Observer
 log = logging.getLogger(__name__)
 
 INPUT_TOPICS = ("samples", "labels", "context", "commands")  # subscribed with QoS 1 under the topic prefix
+
+
+class _PahoNoise(logging.Filter):
+    """paho logs "Client is not connected" at ERROR from its loop on every pass without a socket,
+    i.e. twice per retry during any outage. The outage itself is reported once (connection_failure);
+    these become debug lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and str(record.msg).startswith("Client is not connected"):
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_paho_log = logging.getLogger("edge_agent.paho")
+_paho_log.addFilter(_PahoNoise())
+
+
+def connection_failure(exc: BaseException | None) -> str:
+    """Why a connection attempt failed, in words an integrator can act on."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or str(exc)
+        if "hostname" in why.lower() or "ip address mismatch" in why.lower():
+            return f"TLS: the broker's certificate does not match the host name dialled ({why}); check broker.host"
+        return f"TLS: the broker's certificate is not trusted ({why}); check broker.tls.ca"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc}); is the port a TLS listener, and the TLS settings right?"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens on that host and port"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the broker's host name ({exc.strerror})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out: no answer from the broker (firewall, routing, IPAddressAllow=?)"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc) if exc else "unknown cause"
 
 
 def default_client_id(cfg: Config) -> str:
@@ -66,6 +105,7 @@ class MqttTransport:
         self.connected = threading.Event()  # both connections up
         self._up = {"inbound": False, "outbound": False}
         self._up_lock = threading.Lock()
+        self._last_failure: str | None = None  # logged once until the next successful connection
         self.published: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, ok) of outbound publishes
         self.on_published: Callable[[], None] | None = None  # called (network thread) after each outbound PUBACK
         self.status_topic = cfg.topic("status")
@@ -102,6 +142,7 @@ class MqttTransport:
                 files = ", ".join(f for f in (t.ca, t.cert, t.key) if f)
                 raise ConfigError(f"broker.tls: cannot load the TLS files ({files}): {e}") from None
             c.tls_insecure_set(t.insecure)
+        c.on_connect_fail = self._on_connect_fail
         if inbound:
             c.will_set(self.status_topic, self._offline(), qos=1, retain=True)
             c.on_connect = self._on_connect
@@ -192,10 +233,24 @@ class MqttTransport:
             # Never back to 0 once limited: paho would then never send what it holds as "queued".
             client._max_inflight_messages = own or 65535
 
+    def _failed(self, cause: str) -> None:
+        # Both connections retry every few seconds during an outage: say why once, not per retry.
+        if cause != self._last_failure:
+            self._last_failure = cause
+            log.warning("cannot connect to the broker %s:%d: %s (retrying with backoff)",
+                        self.cfg.broker.host, self.cfg.broker.port, cause)
+        else:
+            log.debug("connection attempt failed again: %s", cause)
+
+    def _on_connect_fail(self, client, userdata):
+        # paho calls this inside its `except OSError:` around the connect, so the exception is at hand.
+        self._failed(connection_failure(sys.exc_info()[1]))
+
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            log.error("broker refused connection: %s", reason_code)
+            self._failed(f"the broker refused the connection: {reason_code}")
             return
+        self._last_failure = None
         self.gen += 1
         self._narrow_inflight(client, properties)
         present = getattr(flags, "session_present", False)
@@ -214,20 +269,24 @@ class MqttTransport:
 
     def _on_connect_out(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            log.error("broker refused the outbound connection: %s", reason_code)
+            self._failed(f"the broker refused the connection: {reason_code}")
             return
         self._narrow_inflight(client, properties)
         self._set_up("outbound", True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        was_up = self._up["inbound"]
         self._set_up("inbound", False)
-        if reason_code != 0:
+        if reason_code != 0 and not was_up:
+            log.debug("connection closed before it was up (%s)", reason_code)  # the cause was logged
+        elif reason_code != 0:
             log.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
             self._obs.on_disconnect()
 
     def _on_disconnect_out(self, client, userdata, flags, reason_code, properties):
+        was_up = self._up["outbound"]
         self._set_up("outbound", False)
-        if reason_code != 0:
+        if reason_code != 0 and was_up:
             log.warning("outbound connection lost (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg):
