@@ -160,7 +160,7 @@ def _metrics(cfg):
     from .metrics import Metrics
     from .observer import MetricsObserver
 
-    m = Metrics()
+    m = Metrics(max_context_labels=cfg.metrics.max_context_labels)
     try:
         m.start_server(cfg.metrics.host, cfg.metrics.port)
     except OSError as e:

@@ -85,6 +85,8 @@ class Metrics:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9108
+    # Contexts with their own series in per-context metrics; later ones share context="other".
+    max_context_labels: int = 100
 
 
 @dataclass
@@ -244,6 +246,7 @@ def _check(cfg: Config) -> None:
     need(lim.batch_size >= 1, "limits.batch_size", "must be >= 1")
     need(lim.resend_predictions >= 0, "limits.resend_predictions", "must be >= 0")
     need(1 <= cfg.metrics.port <= 65535, "metrics.port", "must be 1..65535")
+    need(0 <= cfg.metrics.max_context_labels <= 10_000, "metrics.max_context_labels", "must be 0..10000")
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:

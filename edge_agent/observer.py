@@ -148,8 +148,15 @@ class MetricsObserver(Observer):
         self.m.set_support_size(context, n_support)
 
     def on_connect(self, reconnect: bool) -> None:
+        self.m.set_connected(True)
         if reconnect:
             self.m.on_reconnect()
+
+    def on_disconnect(self) -> None:
+        self.m.set_connected(False)
+
+    def on_queue(self, depth: int, outbox: int) -> None:
+        self.m.set_queue(depth, outbox)
 
     def on_model(self, model_version: str) -> None:
         self.m.set_model_version(model_version)
