@@ -52,8 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent daemon")
     r.add_argument("--config", required=True)
-    c = sub.add_parser("check-config", help="validate a config file and exit (0 ok, 2 invalid)")
+    c = sub.add_parser("check-config", help="validate a config file and every file it names, as the service "
+                       "will read them; exit 0 ok, 2 invalid")
     c.add_argument("--config", required=True)
+    c.add_argument("--service-user", default="dynamic",
+                   help="who must be able to read the files: 'dynamic' (the unit's DynamicUser: owns nothing, "
+                        "so the 'other' permission bits count; default), 'current', or an account name")
+    c.add_argument("--credentials-dir", default=None,
+                   help="where $CREDENTIALS_DIRECTORY/<name> paths point (default: $CREDENTIALS_DIRECTORY, set "
+                        "by systemd inside the unit); outside it, the directory of the LoadCredential= sources")
     v = sub.add_parser("verify", help="verify a bundle's signature and hashes")
     v.add_argument("bundle_dir")
     v.add_argument("--public-key", default=None)
@@ -71,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             return _run(args.config)
         if args.cmd == "check-config":
-            from .config import load_config
+            from .config import CREDENTIALS_VAR, load_config
+            from .preflight import ServiceUser, check_files
 
-            load_config(args.config)
-            print(f"{args.config}: OK")
+            user = ServiceUser.parse(args.service_user)
+            cred = args.credentials_dir or os.environ.get(CREDENTIALS_VAR)
+            cfg = load_config(args.config, credentials_dir=cred)
+            files = check_files(cfg, user, cred)
+            print(f"{args.config}: OK ({len(files)} files readable by {user.describe()})")
             return 0
         if args.cmd == "verify":
             from .verify import main_verify

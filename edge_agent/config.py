@@ -111,7 +111,14 @@ _NOT_KEYS = {"path"}
 SECRET_KEYS = {"broker.password"}
 
 
-def load_config(path: str | os.PathLike) -> Config:
+CREDENTIALS_VAR = "CREDENTIALS_DIRECTORY"
+# Keys that may name a systemd credential: "$CREDENTIALS_DIRECTORY/<name>" (LoadCredential=<name>:...).
+CREDENTIAL_KEYS = ("broker.password_file", "broker.tls.cert", "broker.tls.key", "broker.tls.ca")
+
+
+def load_config(path: str | os.PathLike, credentials_dir: str | None = None) -> Config:
+    """`credentials_dir`: where "$CREDENTIALS_DIRECTORY/..." paths point; default: that variable,
+    which systemd sets for a unit with LoadCredential=."""
     try:
         import yaml
     except ImportError as e:  # the edge extra always has it; be explicit if someone trimmed it
@@ -126,7 +133,8 @@ def load_config(path: str | os.PathLike) -> Config:
     except yaml.YAMLError as e:
         # Not str(e): PyYAML quotes the offending source lines, which may be the password line.
         raise ConfigError(f"{p}: not valid YAML{_yaml_where(e)}") from None
-    cfg = config_from_dict(data if data is not None else {}, base_dir=p.resolve().parent)
+    cfg = config_from_dict(data if data is not None else {}, base_dir=p.resolve().parent,
+                           credentials_dir=credentials_dir)
     cfg.path = str(p)
     return cfg
 
@@ -140,11 +148,11 @@ def _yaml_where(e: Exception) -> str:
     return f"{where}: {what}" if what else where
 
 
-def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
+def config_from_dict(data: Any, base_dir: Path | None = None, credentials_dir: str | None = None) -> Config:
     cfg = _build(Config, data, "")
     _check(cfg)
     if base_dir is not None:
-        _resolve_paths(cfg, base_dir)
+        _resolve_paths(cfg, base_dir, credentials_dir)
     return cfg
 
 
@@ -249,15 +257,28 @@ def _check(cfg: Config) -> None:
     need(0 <= cfg.metrics.max_context_labels <= 10_000, "metrics.max_context_labels", "must be 0..10000")
 
 
-def _resolve_paths(cfg: Config, base: Path) -> None:
-    def res(p: str | None) -> str | None:
-        return None if p is None else str((base / os.path.expanduser(p)).resolve())
+def _resolve_paths(cfg: Config, base: Path, credentials_dir: str | None = None) -> None:
+    def res(p: str | None, key: str = "") -> str | None:
+        if p is None:
+            return None
+        for var in (f"${CREDENTIALS_VAR}/", f"${{{CREDENTIALS_VAR}}}/"):
+            if p.startswith(var):
+                if key not in CREDENTIAL_KEYS:
+                    raise ConfigError(f"{key}: ${CREDENTIALS_VAR} is only for {', '.join(CREDENTIAL_KEYS)}")
+                cred = credentials_dir or os.environ.get(CREDENTIALS_VAR)
+                if not cred:
+                    raise ConfigError(
+                        f"{key}: {p} names a systemd credential, but ${CREDENTIALS_VAR} is not set (it is, "
+                        f"inside a unit with LoadCredential=); outside the service use "
+                        f"`edge-agent check-config --credentials-dir DIR`")
+                return str(Path(cred) / p[len(var):])
+        return str((base / os.path.expanduser(p)).resolve())
 
-    cfg.state_dir = res(cfg.state_dir)
-    cfg.bundle.dir = res(cfg.bundle.dir)
-    cfg.bundle.public_key = res(cfg.bundle.public_key)
-    cfg.bundle.watch_dir = res(cfg.bundle.watch_dir)
-    cfg.broker.password_file = res(cfg.broker.password_file)
+    cfg.state_dir = res(cfg.state_dir, "state_dir")
+    cfg.bundle.dir = res(cfg.bundle.dir, "bundle.dir")
+    cfg.bundle.public_key = res(cfg.bundle.public_key, "bundle.public_key")
+    cfg.bundle.watch_dir = res(cfg.bundle.watch_dir, "bundle.watch_dir")
+    cfg.broker.password_file = res(cfg.broker.password_file, "broker.password_file")
     if cfg.broker.tls is not None:
         t = cfg.broker.tls
-        t.ca, t.cert, t.key = res(t.ca), res(t.cert), res(t.key)
+        t.ca, t.cert, t.key = res(t.ca, "broker.tls.ca"), res(t.cert, "broker.tls.cert"), res(t.key, "broker.tls.key")

@@ -1,6 +1,7 @@
 """agent.yaml validation: unknown keys are named with their path, bad types are refused, exit code 2."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -213,3 +214,113 @@ def test_refused_reload_publishes_no_secret(tmp_path, broker, bundle, line, agen
     assert SECRET not in agent.log() and str(SECRET_INT) not in agent.log()
     assert agent.proc.poll() is None
     assert agent.terminate() == 0
+
+
+# -- check-config reads files the way the service will (issue 12, item 14) -------------------------------
+@pytest.fixture
+def open_dir():
+    """A directory every user may traverse (pytest's tmp dirs are 0700, which no DynamicUser could)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="edge-sec-preflight-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _deployment(d: Path, bundle, password_mode=0o644, password_in_config="secrets/mqtt_password"):
+    """/etc/edge-agent-like layout under d: agent.yaml, bundle/, secrets/mqtt_password."""
+    import shutil
+
+    shutil.copytree(bundle.path, d / "bundle")
+    for p in [d / "bundle", *(d / "bundle").iterdir()]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    (d / "secrets").mkdir(mode=0o755)
+    pw = d / "secrets" / "mqtt_password"
+    pw.write_text(SECRET + "\n")
+    pw.chmod(password_mode)
+    cfg = d / "agent.yaml"
+    cfg.write_text(yaml.safe_dump(_with(bundle={"dir": "bundle", "allow_unsigned": True},
+                                        broker__username="dev1", broker__password_file=password_in_config)))
+    cfg.chmod(0o644)
+    return cfg, pw
+
+
+def test_check_config_accepts_world_readable_files(open_dir, bundle):
+    cfg, _ = _deployment(open_dir, bundle)
+    r = _cli("check-config", "--config", cfg)
+    assert r.returncode == 0 and "OK" in r.stdout and "DynamicUser" in r.stdout, r.stdout + r.stderr
+
+
+def test_check_config_refuses_a_0600_secret_the_dynamic_user_cannot_read(open_dir, bundle):
+    """The issue: credentials as 0600 files made the service exit 2 under DynamicUser while
+    check-config said OK. It now names the file and says how to hand it over."""
+    cfg, pw = _deployment(open_dir, bundle, password_mode=0o600)
+    r = _cli("check-config", "--config", cfg)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "broker.password_file" in r.stderr and str(pw) in r.stderr and "0600" in r.stderr, r.stderr
+    assert "LoadCredential=" in r.stderr and SECRET not in r.stderr
+    # as the account that owns it, the same file is fine
+    r = _cli("check-config", "--config", cfg, "--service-user", "current")
+    assert r.returncode == 0, r.stderr
+
+
+def test_check_config_refuses_an_unreadable_directory_on_the_way(open_dir, bundle):
+    cfg, _ = _deployment(open_dir, bundle)
+    (open_dir / "bundle").chmod(0o700)
+    r = _cli("check-config", "--config", cfg)
+    assert r.returncode == 2 and "bundle.dir" in r.stderr and str(open_dir / "bundle") in r.stderr, r.stderr
+
+
+def test_check_config_names_a_missing_file(open_dir, bundle):
+    cfg, pw = _deployment(open_dir, bundle)
+    pw.unlink()
+    r = _cli("check-config", "--config", cfg)
+    assert r.returncode == 2 and "broker.password_file" in r.stderr and str(pw) in r.stderr, r.stderr
+
+
+def test_credentials_directory_paths(open_dir, bundle, tmp_path):
+    """broker.password_file: $CREDENTIALS_DIRECTORY/mqtt_password, as with LoadCredential=."""
+    cfg, pw = _deployment(open_dir, bundle, password_mode=0o600,
+                          password_in_config="$CREDENTIALS_DIRECTORY/mqtt_password")
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    r = _cli("check-config", "--config", cfg, env=env)
+    assert r.returncode == 2 and "CREDENTIALS_DIRECTORY is not set" in r.stderr, r.stderr
+    # outside the service: point at the LoadCredential= sources (systemd reads them as root)
+    r = _cli("check-config", "--config", cfg, "--credentials-dir", open_dir / "secrets", env=env)
+    assert r.returncode == 0, r.stderr
+    # inside the service: systemd sets the variable
+    r = _cli("check-config", "--config", cfg, env=dict(env, CREDENTIALS_DIRECTORY=str(open_dir / "secrets")))
+    assert r.returncode == 0, r.stderr
+    loaded = load_config(cfg, credentials_dir=str(open_dir / "secrets"))
+    assert loaded.broker.password_file == str(pw)
+    with pytest.raises(ConfigError, match=r"state_dir: \$CREDENTIALS_DIRECTORY is only for"):
+        config_from_dict(_with(state_dir="$CREDENTIALS_DIRECTORY/x"), base_dir=tmp_path, credentials_dir="/c")
+
+
+def test_agent_reads_its_password_from_the_credentials_directory(tmp_path, bundle, agent_factory):
+    from conftest import write_config
+    from edge_agent.simulator import LineClient
+    from tests.support.mosquitto import start_mosquitto, write_password_file
+
+    passwd = write_password_file(tmp_path / "passwd", {"dev1": SECRET, "operator": "op"})
+    acl = tmp_path / "acl"
+    acl.write_text("user dev1\ntopic readwrite factory/#\nuser operator\ntopic readwrite factory/#\n")
+    b = start_mosquitto(tmp_path, extra_conf=f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mqtt_password").write_text(SECRET + "\n")
+    cfg = write_config(tmp_path, b, bundle, **{"broker.username": "dev1",
+                                                "broker.password_file": "$CREDENTIALS_DIRECTORY/mqtt_password"})
+    line = LineClient(b.host, b.port, "factory/line1/dev1", username="operator", password="op")
+    os.environ["CREDENTIALS_DIRECTORY"] = str(creds)  # inherited by the agent process, as systemd sets it
+    try:
+        agent = agent_factory(cfg).start(line)
+        line.sample("c1", bundle.x[0])
+        assert line.wait_predictions(["c1"], 15), agent.log()
+        assert agent.terminate() == 0
+    finally:
+        del os.environ["CREDENTIALS_DIRECTORY"]
+        line.close()
+        b.kill()
