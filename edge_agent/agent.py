@@ -186,6 +186,7 @@ class Agent(ModelLifecycle):
                 raise BrokerError(f"no connection to {self.cfg.broker.host}:{self.cfg.broker.port} "
                                   f"within {self.cfg.broker.connect_timeout:g}s")
         self._resend_outbox()
+        self._report_startup_refusal()
         log.info("online in %.2fs: model %s, context %r, %d context(s), %d pending, %d in outbox",
                  time.monotonic() - t0, self.model.version, self.state.current, len(self.state.contexts),
                  len(self.state.pending), len(self.state.outbox))
