@@ -31,7 +31,8 @@ from .model import Model
 from .sdnotify import watchdog_interval
 from .observer import Observer, Observers
 from .protocol import Sample, Schema, decode, label_value, parse_context, parse_label, parse_sample, peek_id
-from .state import AgentState, Store
+from .early_labels import expiry_records, hold_records
+from .state import AgentState, Store, id_key
 from .transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class Agent(ModelLifecycle):
         self.schema = Schema(model.feature_names, model.input_shape, model.task_kind, model.class_names)
         self.k = min(cfg.adaptation.support_size or model.recommended_k, model.max_support)
         lim = cfg.limits
-        self.state = AgentState(self.k, lim.recent_ids, lim.pending_samples)
+        self.state = AgentState(self.k, lim.recent_ids, lim.pending_samples, lim.max_contexts, lim.early_labels,
+                                lim.early_label_ttl_s)
         self.store = store if store is not None else Store(cfg.state_dir)
         # A deque + Event rather than queue.Queue: half the cost per message, and the bound is ours.
         # Twice the Receive Maximum: room for one reconnect's redeliveries on top of a full queue.
@@ -199,7 +201,8 @@ class Agent(ModelLifecycle):
         try:
             while not self._stop.is_set():
                 batch = self._take(self._tick_s)
-                if batch or self.transport.published or self._dropped or self._overflow:
+                if (batch or self.transport.published or self._dropped or self._overflow
+                        or self.state.early.due(time.time())):
                     self._process(batch)
                 if self._reload.is_set():
                     self._reload.clear()
@@ -318,6 +321,8 @@ class Agent(ModelLifecycle):
                 group.clear()
                 group_ids.clear()
 
+        if self.state.early.due(time.time()):
+            self._journal_all(expiry_records(self.state.early, time.time()), records, errors)
         for it in batch:
             try:
                 if it.payload is None:
@@ -340,6 +345,8 @@ class Agent(ModelLifecycle):
                             y = label_value(s.label, self.schema, s.id)
                         except PayloadError as e:  # still predict the sample; only its label is bad
                             errors.append((it.kind, e))
+                    elif self.state.early:
+                        y = self.state.early.get(id_key(s.id))  # its label came first (early_labels.py)
                     ctx = s.context or self.state.current
                     if group and group[0].ctx != ctx:
                         flush()
@@ -356,8 +363,13 @@ class Agent(ModelLifecycle):
                     if p is None:
                         if self.state.labelled(lab.id):
                             continue  # redelivered label, already joined
-                        raise PayloadError("unknown_sample_id", f"no recent unlabelled sample with id {lab.id!r}",
-                                           lab.id)
+                        if self.state.seen(lab.id):
+                            raise PayloadError("unknown_sample_id", f"sample {lab.id!r} is no longer held "
+                                               "(limits.pending_samples)", lab.id)
+                        # before its sample: held until it comes (early_labels.py)
+                        self._journal_all(hold_records(self.state.early, id_key(lab.id), lab.id, lab.y, time.time()),
+                                          records, errors)
+                        continue
                     self._join(lab.id, p[0], p[1], lab.y, records)
                 elif it.kind == "context":
                     flush()
@@ -431,6 +443,13 @@ class Agent(ModelLifecycle):
             if sid in outbox:  # else confirmed meanwhile (a copy paho re-sent itself)
                 mids[publish(topic, payload, qos=1, resent=resent)] = sid
 
+    def _journal_all(self, recs_errs: tuple[list[dict], list[PayloadError]], records: list[dict],
+                     errors: list) -> None:
+        recs, errs = recs_errs
+        for r in recs:
+            self._record(r, records)
+        errors.extend(("labels", e) for e in errs)
+
     def _record(self, r: dict, records: list[dict]) -> None:
         self.state.apply(r)
         records.append(r)
@@ -447,7 +466,10 @@ class Agent(ModelLifecycle):
     def _maybe_adapt(self, ctx: str, records: list[dict]) -> None:
         if ctx not in self._dirty:
             return
-        c = self.state.context(ctx)
+        c = self.state.contexts.get(ctx)
+        if c is None:  # evicted since its label (limits.max_contexts)
+            self._dirty.discard(ctx)
+            return
         pol = self.cfg.adaptation
         if c.n_labels < pol.min_labels or c.since_adapt < pol.adapt_every or not c.support:
             return
@@ -469,8 +491,8 @@ class Agent(ModelLifecycle):
     def _predict(self, group: list[_Pending], records: list[dict], out: list) -> None:
         ctx = group[0].ctx
         self._maybe_adapt(ctx, records)
-        c = self.state.context(ctx)
-        adapted = c.state is not None
+        c = self.state.contexts.get(ctx)  # a context without labels yet need not exist
+        adapted = c is not None and c.state is not None
         n_support = c.adapted_on if adapted else 0
         try:
             y = self.model.predict(c.state if adapted else self.model.init_state, np.stack([p.sample.x for p in group]))

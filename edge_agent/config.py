@@ -75,6 +75,12 @@ class Limits:
     # costs memory (~1.5 KiB each inside paho): 1000 gave the same throughput and ~1.5 MiB more RSS.
     publish_window: int = 256
     resend_predictions: int = 2000  # confirmed predictions kept in memory, re-sent if their sample is re-published
+    # Contexts (support set + adapted state each) kept; the least recently used beyond it is forgotten
+    # (edge_agent/contexts.py): any publisher can invent context names.
+    max_contexts: int = 1000
+    # Labels that arrive before their sample are held (edge_agent/early_labels.py); 0: rejected at once.
+    early_labels: int = 1000
+    early_label_ttl_s: float = 60.0
 
 
 @dataclass
@@ -219,6 +225,9 @@ def _check(cfg: Config) -> None:
     need(lim.publish_window >= 1, "limits.publish_window", "must be >= 1")
     need(lim.batch_size >= 1, "limits.batch_size", "must be >= 1")
     need(lim.resend_predictions >= 0, "limits.resend_predictions", "must be >= 0")
+    need(lim.max_contexts >= 1, "limits.max_contexts", "must be >= 1")
+    need(lim.early_labels >= 0, "limits.early_labels", "must be >= 0")
+    need(lim.early_label_ttl_s > 0, "limits.early_label_ttl_s", "must be > 0")
     need(1 <= cfg.metrics.port <= 65535, "metrics.port", "must be 1..65535")
 
 

@@ -209,7 +209,9 @@ class ModelLifecycle:
         new.path = old.path
         self.cfg = new
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
-        self.state.set_limits(new.limits.recent_ids, new.limits.pending_samples)
+        lim = new.limits
+        self.state.set_limits(lim.recent_ids, lim.pending_samples, lim.max_contexts, lim.early_labels,
+                              lim.early_label_ttl_s)
         k = min(new.adaptation.support_size or self.model.recommended_k, self.model.max_support)
         if k != self.k:
             self._resize_support(k)

@@ -21,11 +21,12 @@ import logging
 import os
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .contexts import ContextState, Contexts  # noqa: F401 - ContextState: re-exported for callers
+from .early_labels import EarlyLabels
 from .errors import StateError
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,6 @@ LEGACY_SNAPSHOT = "snapshot.json"  # one JSON document (agents before 0.2); read
 SNAPSHOT_CHUNK = 1000
 FORMAT = 2  # 2: recent and pending ids as id_key() digests (1: id strings; still read)
 DEFAULT_CONTEXT = "default"
-
-
-@dataclass
-class ContextState:
-    k: int
-    support: deque = field(default_factory=deque)  # (sample id, x float32[F], y), newest last
-    state: np.ndarray | None = None  # adapted state; None -> meta-initialisation
-    adapted_on: int = 0  # support size the current state was adapted on
-    since_adapt: int = 0  # labels joined since the last adaptation
-    n_labels: int = 0
-
-    def __post_init__(self):
-        self.support = deque(self.support, maxlen=self.k)
 
 
 def id_key(sid: str) -> int:
@@ -90,11 +78,12 @@ class RecentIds:
 
 
 class AgentState:
-    def __init__(self, k: int, recent_limit: int, pending_limit: int):
+    def __init__(self, k: int, recent_limit: int, pending_limit: int, max_contexts: int = 1000,
+                 early_labels: int = 1000, early_label_ttl_s: float = 60.0):
         self.k = k
         self.recent_limit = recent_limit
         self.pending_limit = pending_limit
-        self.contexts: dict[str, ContextState] = {}
+        self.contexts = Contexts(max_contexts)  # LRU-bounded (contexts.py)
         self.current = DEFAULT_CONTEXT
         self.model_version: str | None = None
         self.recent = RecentIds(recent_limit)  # read through seen() / labelled()
@@ -103,11 +92,13 @@ class AgentState:
         # ndarrays and the id string (~4.5 -> ~2 MiB at the default 10,000). Read through unlabelled().
         self.pending: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
         self.outbox: OrderedDict[str, str] = OrderedDict()  # sample id -> prediction payload (JSON text)
+        self.early = EarlyLabels(early_labels, early_label_ttl_s)  # labels waiting for their sample
 
     def context(self, name: str) -> ContextState:
-        c = self.contexts.get(name)
+        """The context, created if new; counts as its use (least recently used ones are evicted)."""
+        c = self.contexts.use(name)
         if c is None:
-            c = self.contexts[name] = ContextState(self.k)
+            c = self.contexts.create(name, self.k, self.current)
         return c
 
     # -- the only mutators: live operation and journal replay both go through here --------------
@@ -121,9 +112,12 @@ class AgentState:
                 while len(self.pending) > self.pending_limit:
                     self.pending.popitem(last=False)
             self.outbox[r["id"]] = r["o"]
+            self.contexts.use(r["c"])
         elif t == "l":
             key = id_key(r["id"])
             self.pending.pop(key, None)
+            if self.early:
+                self.early.take(key)
             self.recent.remember(key, True)
             c = self.context(r["c"])
             x = r["x"]
@@ -137,10 +131,14 @@ class AgentState:
             c.adapted_on = r["n"]
             c.since_adapt = 0
         elif t == "c":
-            self.current = r["c"]
             self.context(r["c"])
+            self.current = r["c"]
         elif t == "k":
             self.outbox.pop(r["id"], None)
+        elif t == "e":
+            self.early.hold(id_key(r["id"]), r["id"], r["y"], r["w"])
+        elif t == "E":
+            self.early.take(id_key(r["id"]))
         else:
             raise ValueError(f"unknown state record type {t!r}")
 
@@ -156,10 +154,15 @@ class AgentState:
         p = self.pending.get(id_key(sid))
         return None if p is None else (p[0], np.frombuffer(p[1], np.float32))
 
-    def set_limits(self, recent_limit: int, pending_limit: int) -> None:
-        """New bounds (config reload); the oldest entries beyond them go at the next insertion."""
+    def set_limits(self, recent_limit: int, pending_limit: int, max_contexts: int, early_labels: int,
+                   early_label_ttl_s: float) -> None:
+        """New bounds (config reload); the oldest ids and early labels beyond them go at the next
+        insertion (early labels past their time at the next batch), contexts now."""
         self.recent_limit = self.recent.limit = recent_limit
         self.pending_limit = pending_limit
+        self.early.limit, self.early.ttl_s = early_labels, early_label_ttl_s
+        self.contexts.limit = max_contexts
+        self.contexts.evict(self.current)
 
     # -- snapshot ------------------------------------------------------------------------------
     # -- snapshot ------------------------------------------------------------------------------
@@ -188,10 +191,11 @@ class AgentState:
         yield from _chunks("pending", ([key, ctx, np.frombuffer(x, np.float32).tolist()]
                                        for key, (ctx, x) in self.pending.items()))
         yield from _chunks("outbox", ([sid, p] for sid, p in self.outbox.items()))
+        yield from _chunks("early", self.early.items())
 
     def to_json(self) -> dict:
         """The whole state as one dict (tests, inspection); the snapshot file holds the same in lines."""
-        d = {**self.header(), "recent": [], "pending": [], "outbox": []}
+        d = {**self.header(), "recent": [], "pending": [], "outbox": [], "early": []}
         for name, items in self.sections():
             d[name].extend(items)
         return d
@@ -222,14 +226,17 @@ class AgentState:
                     self.pending.popitem(last=False)
         elif name == "outbox":
             self.outbox.update((sid, p) for sid, p in items)
+        elif name == "early":
+            for sid, y, t in items:
+                self.early.hold(id_key(sid), sid, y, t)
         else:
             raise StateError(f"unknown snapshot section {name!r}")
 
     def load_json(self, d: dict) -> None:
         """A whole-state dict (to_json(), or a legacy snapshot.json's "state")."""
         self.load_header(d)
-        for name in ("recent", "pending", "outbox"):
-            self.load_section(name, d[name])
+        for name in ("recent", "pending", "outbox", "early"):
+            self.load_section(name, d.get(name, []))
 
 
 def _chunks(name: str, items):
@@ -321,7 +328,8 @@ class Store:
                 aside = snap.with_name(f"{snap.name}.corrupt-{int(time.time())}")
                 os.replace(snap, aside)
                 log.error("state snapshot unreadable (%s); moved to %s, starting with empty state", e, aside.name)
-                state.__init__(state.k, state.recent_limit, state.pending_limit)
+                state.__init__(state.k, state.recent_limit, state.pending_limit, state.contexts.limit, state.early.limit,
+                               state.early.ttl_s)
                 seq = 0
         replayed = 0
         for s, path in self._journals():

@@ -106,11 +106,11 @@ def test_duplicates_and_bad_labels(tmp_path):
     _send(a, "samples", {"id": "x1", "features": [0, 0]})  # redelivery
     _send(a, "labels", {"id": "x1", "label": 1})
     _send(a, "labels", {"id": "x1", "label": 1})  # redelivered label: ignored, not an error
-    _send(a, "labels", {"id": "x2", "label": 1})
+    _send(a, "labels", {"id": "x2", "label": 1})  # before its sample: held (limits.early_labels), no error
     _send(a, "samples", {"id": "x3", "features": [0, 0], "label": "bogus"})  # predicted; label rejected
     assert [p["id"] for p in _predictions(a)] == ["x1", "x3"]
     errors = [(m["reason"], m["id"]) for t, m in a.transport.sent if t == "errors"]
-    assert errors == [("unknown_sample_id", "x2"), ("bad_label", "x3")]
+    assert errors == [("bad_label", "x3")]
     assert len(a.transport.acks) == 6  # every message acknowledged, rejected ones too
     a.store.close()
 
@@ -223,3 +223,76 @@ def test_linear_bundle_adapt_moves_towards_the_task(linear_model):
     err_init = np.mean((m.predict(m.init_state, x[10:]) - y[10:]) ** 2)
     err_adapt = np.mean((m.predict(s, x[10:]) - y[10:]) ** 2)
     assert err_adapt < err_init
+
+
+def test_contexts_are_bounded_least_recently_used_evicted(tmp_path):
+    """Issue 12 item 2: a publisher inventing context names cannot grow the agent: at most
+    limits.max_contexts contexts, the one the line keeps using survives, every sample is predicted."""
+    cfg = config_from_dict({"topic_prefix": PREFIX, "state_dir": str(tmp_path / "state"),
+                            "bundle": {"dir": str(tmp_path), "allow_unsigned": True},
+                            "adaptation": {"min_labels": 1}, "limits": {"max_contexts": 3}})
+    a = Agent(cfg, StubModel(), transport_cls=RecordingTransport)
+    a._restore()
+    for i in range(30):
+        _send(a, "samples", {"id": f"k{i}", "features": [0, 0], "label": 1, "context": "keep"})
+        _send(a, "samples", {"id": f"s{i}", "features": [0, 0], "label": 1, "context": f"spam-{i}"})
+        _send(a, "samples", {"id": f"u{i}", "features": [0, 0], "context": f"unlabelled-{i}"})
+    assert sorted(a.state.contexts) == ["keep", "spam-28", "spam-29"]
+    preds = {p["id"]: p for p in _predictions(a)}
+    assert len(preds) == 90 and preds["k29"]["adapted"] and preds["k29"]["n_support"] == 4
+    assert not preds["u29"]["adapted"]  # a context without labels predicts with the meta-initialisation
+    a.store.compact(a.state)
+    a.store.close()
+    snap = json.loads((tmp_path / "state" / "snapshot.jsonl").read_text().splitlines()[0])
+    assert sorted(snap["state"]["contexts"]) == sorted(a.state.contexts)
+
+
+def _agent_limits(tmp_path, model, **limits):
+    cfg = config_from_dict({"topic_prefix": PREFIX, "state_dir": str(tmp_path / "state"),
+                            "bundle": {"dir": str(tmp_path), "allow_unsigned": True},
+                            "adaptation": {"min_labels": 1}, "limits": limits})
+    a = Agent(cfg, model, transport_cls=RecordingTransport)
+    a._restore()
+    return a
+
+
+def _errors(agent):
+    return [(m["reason"], m["id"], m["message"]) for t, m in agent.transport.sent if t == "errors"]
+
+
+def test_early_labels_are_held_and_joined_bounded_and_expire(tmp_path):
+    """Issue 12 item 8: a label before its sample is held (bounded count, TTL, journaled) and joined when
+    the sample comes; the sample is still predicted before its label is used."""
+    model = StubModel()
+    a = _agent_limits(tmp_path, model, early_labels=2, early_label_ttl_s=0.5)
+    _send(a, "labels", {"id": "e1", "label": "scrap"})
+    assert _errors(a) == [] and len(a.state.early) == 1
+    _send(a, "samples", {"id": "e1", "features": [0, 0]})
+    p = _predictions(a)[-1]
+    assert p["id"] == "e1" and not p["adapted"]  # predicted before its own label is used
+    assert model.adapt_calls == [1] and a.state.labelled("e1") and len(a.state.early) == 0
+    _send(a, "samples", {"id": "n1", "features": [0, 0]})
+    assert _predictions(a)[-1]["adapted"]
+
+    # bounded: a third held label pushes out the oldest, reported
+    for sid in ("o1", "o2", "o3"):
+        _send(a, "labels", {"id": sid, "label": 1})
+    errs = _errors(a)
+    assert [(r, i) for r, i, _ in errs] == [("unknown_sample_id", "o1")] and "limits.early_labels" in errs[0][2]
+    # held across a restart (journaled)
+    a.store.close()
+    b = _agent_limits(tmp_path, StubModel(), early_labels=2, early_label_ttl_s=0.5)
+    assert len(b.state.early) == 2
+    _send(b, "samples", {"id": "o2", "features": [0, 0]})
+    assert b.state.labelled("o2")
+    # expired: reported once, on the errors topic, even with no further traffic
+    time.sleep(0.6)
+    b._process([])
+    assert [(r, i) for r, i, _ in _errors(b)] == [("unknown_sample_id", "o3")]
+    assert "early_label_ttl_s" in _errors(b)[0][2] and len(b.state.early) == 0
+    _send(b, "samples", {"id": "o3", "features": [0, 0]})
+    assert not b.state.labelled("o3")
+    b.store.close()
+    c = _agent_limits(tmp_path, StubModel(), early_labels=2, early_label_ttl_s=0.5)
+    assert len(c.state.early) == 0 and not c.state.labelled("o3")
+    c.store.close()
