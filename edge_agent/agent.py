@@ -32,6 +32,7 @@ from .sdnotify import watchdog_interval
 from .observer import Observer, Observers
 from .protocol import Sample, Schema, decode, label_value, parse_context, parse_label, parse_sample, peek_id
 from .early_labels import expiry_records, hold_records
+from .sample_ids import check_known, content, reused_report
 from .state import AgentState, Store, id_key
 from .transport import MqttTransport
 
@@ -330,15 +331,21 @@ class Agent(ModelLifecycle):
                                                     f"({self.cfg.limits.max_payload_bytes})")
                 if it.kind == "samples":
                     s = parse_sample(decode(it.payload), self.schema)
-                    if s.id in group_ids or self.state.seen(s.id):
-                        self.obs.on_duplicate()
-                        # Not a broker redelivery (DUP flag) but the line publishing the sample again,
-                        # e.g. after a broker crash lost our prediction: send the same prediction again.
-                        if not it.dup and s.id not in self.state.outbox:
-                            p = self._sent.get(s.id)
-                            if p is not None:
-                                resend.append(p)
-                        continue
+                    if s.id in group_ids:
+                        flush()  # its first copy is in the state now, to compare with
+                    known = self.state.recent.get(id_key(s.id))
+                    if known is not None:
+                        verdict = self._known_id(s, known, it.dup, records)
+                        if verdict != "new":
+                            self.obs.on_duplicate()
+                            # Not a broker redelivery (DUP flag) but the line publishing the sample again,
+                            # e.g. after a broker crash lost our prediction: send the same prediction again.
+                            if verdict == "resend" and s.id not in self.state.outbox:
+                                p = self._sent.get(s.id)
+                                if p is not None:
+                                    resend.append(p)
+                            continue
+                        errors.append((it.kind, reused_report(s, known, time.time())))
                     y = None
                     if s.has_label:
                         try:
@@ -443,6 +450,13 @@ class Agent(ModelLifecycle):
             if sid in outbox:  # else confirmed meanwhile (a copy paho re-sent itself)
                 mids[publish(topic, payload, qos=1, resent=resent)] = sid
 
+    def _known_id(self, s: Sample, known: int, dup: bool, records: list[dict]) -> str:
+        try:
+            return check_known(s, known, dup, self.cfg.limits.dedupe_window_s, time.time())
+        except PayloadError:
+            self._record({"t": "d", "id": s.id}, records)  # a later label could be for either part
+            raise
+
     def _journal_all(self, recs_errs: tuple[list[dict], list[PayloadError]], records: list[dict],
                      errors: list) -> None:
         recs, errs = recs_errs
@@ -505,11 +519,12 @@ class Agent(ModelLifecycle):
         # Assembled by hand: json.dumps per prediction was the largest single cost at high rates.
         tail = (f',"model_version":{_jstr(self.model.version)},"context":{_jstr(ctx)},'
                 f'"adapted":{"true" if adapted else "false"},"n_support":{n_support},"latency_ms":')
+        now = time.time()
         for p, yi in zip(group, y):
             s = p.sample
-            payload = (f'{{"id":{_jstr(s.id)},"ts":{_jval(s.ts)},{self._format_prediction(yi)}'
+            payload = (f'{{"id":{_jval(s.id)},"ts":{_jval(s.ts)},{self._format_prediction(yi)}'
                        f'{tail}{round((t_done - p.t_recv) * 1e3, 3)}}}')
-            r = {"t": "s", "id": s.id, "c": ctx, "o": payload}
+            r = {"t": "s", "id": s.id, "c": ctx, "o": payload, "f": content(s, now)}
             if p.y is None:
                 r["x"] = s.x  # kept for a label that may arrive later
             self._record(r, records)
@@ -534,8 +549,8 @@ class Agent(ModelLifecycle):
         if now - t > 1.0:
             t, n = now, 0
         if n < 10:
-            log.warning("rejected %s message%s: %s: %s", topic_kind, f" {e.sample_id}" if e.sample_id else "",
-                        e.reason, e)
+            log.warning("%s %s message%s: %s: %s", "reported" if e.reason == "id_reused" else "rejected", topic_kind,
+                        f" {e.sample_id}" if e.sample_id is not None else "", e.reason, e)
         elif n == 10:
             log.warning("more rejected messages this second; not logging each")
         self._err_budget = (t, n + 1)

@@ -81,6 +81,9 @@ class Limits:
     # Labels that arrive before their sample are held (edge_agent/early_labels.py); 0: rejected at once.
     early_labels: int = 1000
     early_label_ttl_s: float = 60.0
+    # A known sample id with other content (a PLC counter reset): None refuses it (duplicate_id); a number
+    # of seconds accepts it as a new part once the id was last accepted at least that long ago (sample_ids.py).
+    dedupe_window_s: Optional[float] = None
 
 
 @dataclass
@@ -228,6 +231,7 @@ def _check(cfg: Config) -> None:
     need(lim.max_contexts >= 1, "limits.max_contexts", "must be >= 1")
     need(lim.early_labels >= 0, "limits.early_labels", "must be >= 0")
     need(lim.early_label_ttl_s > 0, "limits.early_label_ttl_s", "must be > 0")
+    need(lim.dedupe_window_s is None or lim.dedupe_window_s > 0, "limits.dedupe_window_s", "must be > 0 or null")
     need(1 <= cfg.metrics.port <= 65535, "metrics.port", "must be 1..65535")
 
 

@@ -38,43 +38,60 @@ FORMAT = 2  # 2: recent and pending ids as id_key() digests (1: id strings; stil
 DEFAULT_CONTEXT = "default"
 
 
-def id_key(sid: str) -> int:
+def id_key(sid: str | int) -> int:
     """A sample id as a 60-bit BLAKE2b digest: what the dedupe record and the pending samples are keyed by.
 
     An int of this size is a 32-byte object; the id string it replaces is ~60 bytes plus a second
     dict node. Two distinct ids inside a 20,000-id window collide with probability ~n^2/2^61 (2e-10).
+    Integer ids are type-tagged (a 0xff byte, which no UTF-8 string contains): 12 and "12" are two ids.
     """
-    return int.from_bytes(hashlib.blake2b(sid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 4
+    b = b"\xff" + str(sid).encode() if type(sid) is int else sid.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") >> 4
 
 
 class RecentIds:
-    """The last `limit` sample ids seen (oldest forgotten first), and whether each has been labelled."""
+    """The last `limit` sample ids seen (oldest forgotten first), each with a packed int: bit 0 labelled
+    yet; then (sample_ids.py) the 30-bit fingerprint of the sample's content and the wall-clock time it
+    was accepted. One int per id (an older snapshot's booleans read as "labelled, content unknown")."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._labelled: dict[int, bool] = {}  # id_key -> labelled yet
+        self._info: dict[int, int] = {}  # id_key -> packed
         self._order: deque[int] = deque()  # id_keys in order of first sight
 
     def __len__(self) -> int:
-        return len(self._labelled)
+        return len(self._info)
 
     def __contains__(self, key: int) -> bool:
-        return key in self._labelled
+        return key in self._info
+
+    def get(self, key: int) -> int | None:
+        return self._info.get(key)
 
     def labelled(self, key: int) -> bool:
-        return self._labelled.get(key, False)
+        return bool(self._info.get(key, 0) & 1)
 
-    def remember(self, key: int, labelled: bool) -> None:
-        known = self._labelled.get(key)
+    def remember(self, key: int, packed: int) -> None:
+        """A sample accepted (a re-used id keeps its place in the order: it is forgotten a little early)."""
+        if key not in self._info:
+            self._order.append(key)
+        self._info[key] = int(packed)
+        self._trim()
+
+    def mark_labelled(self, key: int) -> None:
+        known = self._info.get(key)
         if known is None:
             self._order.append(key)
-        self._labelled[key] = labelled or bool(known)
-        while len(self._labelled) > self.limit:
-            self._labelled.pop(self._order.popleft(), None)
+        self._info[key] = (known or 0) | 1
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._info) > self.limit:
+            self._info.pop(self._order.popleft(), None)
 
     def items(self):
-        """(id_key, labelled) oldest first."""
-        return ((k, self._labelled[k]) for k in self._order)
+        """(id_key, packed) oldest first."""
+        return ((k, self._info[k]) for k in self._order)
 
 
 class AgentState:
@@ -106,7 +123,7 @@ class AgentState:
         t = r["t"]
         if t == "s":
             key = id_key(r["id"])
-            self.recent.remember(key, False)
+            self.recent.remember(key, r.get("f", 0) << 1)
             if "x" in r:
                 self.pending[key] = (r["c"], np.asarray(r["x"], np.float32).tobytes())
                 while len(self.pending) > self.pending_limit:
@@ -118,7 +135,7 @@ class AgentState:
             self.pending.pop(key, None)
             if self.early:
                 self.early.take(key)
-            self.recent.remember(key, True)
+            self.recent.mark_labelled(key)
             c = self.context(r["c"])
             x = r["x"]
             c.support.append((r["id"], x if isinstance(x, np.ndarray) else np.asarray(x, np.float32), r["y"]))
@@ -135,6 +152,8 @@ class AgentState:
             self.current = r["c"]
         elif t == "k":
             self.outbox.pop(r["id"], None)
+        elif t == "d":  # the id was re-used by another sample: a later label cannot tell which part it is for
+            self.pending.pop(id_key(r["id"]), None)
         elif t == "e":
             self.early.hold(id_key(r["id"]), r["id"], r["y"], r["w"])
         elif t == "E":
@@ -218,7 +237,7 @@ class AgentState:
         key = self._key
         if name == "recent":
             for sid, lab in items:
-                self.recent.remember(key(sid), lab)
+                self.recent.remember(key(sid), lab)  # lab: packed (format 2: a bool, "labelled")
         elif name == "pending":
             for sid, ctx, x in items:
                 self.pending[key(sid)] = (ctx, np.asarray(x, np.float32).tobytes())

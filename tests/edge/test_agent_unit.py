@@ -296,3 +296,44 @@ def test_early_labels_are_held_and_joined_bounded_and_expire(tmp_path):
     c = _agent_limits(tmp_path, StubModel(), early_labels=2, early_label_ttl_s=0.5)
     assert len(c.state.early) == 0 and not c.state.labelled("o3")
     c.store.close()
+
+
+def test_reused_ids_default_policy_refuses_and_reports(tmp_path):
+    """Issue 12 item 9: a known id with other content (PLC counter reset) is neither answered with the
+    old part's prediction nor given the old part's label: refused, reported; 12 and "12" are two ids."""
+    a = _agent_limits(tmp_path, StubModel())
+    _send(a, "samples", {"id": "p1", "ts": 1, "features": [0, 0]})
+    _send(a, "samples", {"id": "p1", "ts": 1, "features": [0, 0]})  # the same part re-published: no error
+    _send(a, "samples", {"id": "p1", "ts": 2, "features": [5, 5]})  # another part, same id
+    _send(a, "labels", {"id": "p1", "label": 1})  # which part? not used
+    assert [p["id"] for p in _predictions(a)] == ["p1"]
+    assert [(r, i) for r, i, _ in _errors(a)] == [("duplicate_id", "p1"), ("unknown_sample_id", "p1")]
+    assert "limits.dedupe_window_s" in _errors(a)[0][2]
+    assert not a.state.contexts  # no label joined
+    # integer and string ids never collide; each is echoed with its own JSON type
+    _send(a, "samples", {"id": 12, "features": [0, 0]})
+    _send(a, "samples", {"id": "12", "features": [1, 1]})
+    _send(a, "labels", {"id": 12, "label": 1})
+    assert [p["id"] for p in _predictions(a)][-2:] == [12, "12"]
+    sup = a.state.contexts["default"].support
+    assert [(sid, x.tolist()) for sid, x, _ in sup] == [(12, [0.0, 0.0])]
+    assert a.state.unlabelled("12") is not None and a.state.unlabelled(12) is None
+    a.store.close()
+    b = _agent_limits(tmp_path, StubModel())  # the journal keeps the type of every id
+    assert b.state.unlabelled("12") is not None and b.state.labelled(12) and not b.state.labelled("12")
+    b.store.close()
+
+
+def test_reused_ids_dedupe_window_accepts_a_new_part(tmp_path):
+    a = _agent_limits(tmp_path, StubModel(), dedupe_window_s=0.5)
+    _send(a, "samples", {"id": 7, "features": [0, 0]})
+    _send(a, "samples", {"id": 7, "features": [3, 3]})  # within the window: refused
+    time.sleep(0.6)
+    _send(a, "samples", {"id": 7, "features": [0, 0]})  # the same content again: re-sent, not re-predicted
+    _send(a, "samples", {"id": 7, "features": [4, 4]})  # after the window: a new part
+    _send(a, "labels", {"id": 7, "label": 1})
+    preds = _predictions(a)
+    assert [p["id"] for p in preds] == [7, 7, 7] and preds[1] == preds[0] and preds[2] != preds[0]
+    assert [(r, i) for r, i, _ in _errors(a)] == [("duplicate_id", 7), ("id_reused", 7)]
+    assert [x.tolist() for _, x, _ in a.state.contexts["default"].support] == [[4.0, 4.0]]
+    a.store.close()
