@@ -488,8 +488,7 @@ class Agent(ModelLifecycle):
         if c.n_labels < pol.min_labels or c.since_adapt < pol.adapt_every or not c.support:
             return
         self._dirty.discard(ctx)
-        xs = np.stack([x for _, x, _ in c.support])
-        ys = np.asarray([y for _, _, y in c.support])
+        xs, ys = c.support_arrays()
         t0 = time.perf_counter()
         try:
             new = self.model.adapt(xs, ys)
@@ -509,7 +508,7 @@ class Agent(ModelLifecycle):
         adapted = c is not None and c.state is not None
         n_support = c.adapted_on if adapted else 0
         try:
-            y = self.model.predict(c.state if adapted else self.model.init_state, np.stack([p.sample.x for p in group]))
+            y = self.model.predict(c.state if adapted else self.model.init_state, np.array([p.sample.x for p in group]))
         except Exception as e:  # noqa: BLE001 - a model failure is reported per sample, not fatal
             log.exception("prediction failed")
             for p in group:

@@ -38,6 +38,12 @@ class ContextState:
     def __post_init__(self):
         self.support = deque(self.support, maxlen=self.k)
 
+    def support_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(xs [n, *F] float32, ys [n]) oldest first: what the adapt graph takes. np.array rather than
+        np.stack: the same array for equal-shape vectors at a fifth of the cost, paid per label."""
+        sup = self.support
+        return np.array([x for _, x, _ in sup]), np.array([y for _, _, y in sup])
+
 
 class Contexts(OrderedDict):
     """name -> ContextState in least recently used order (oldest first). Plain reads (`get`, `[]`,

@@ -126,8 +126,7 @@ class ModelLifecycle:
         for name, c in self.state.contexts.items():
             if c.state is None or not c.support:
                 continue
-            xs = np.stack([x for _, x, _ in c.support])
-            ys = np.asarray([y for _, _, y in c.support])
+            xs, ys = c.support_arrays()
             try:
                 states[name] = (model.adapt(xs, ys), len(c.support))
             except Exception as e:  # noqa: BLE001

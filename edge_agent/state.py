@@ -8,12 +8,15 @@ predictions published and the incoming messages acknowledged to the broker. Star
 `compact_records` records, the whole state is written as one snapshot (temp file, fsync, rename,
 fsync dir) and the old journal files are deleted. Replay uses the same `apply` as live operation.
 
-Only JSON is written (never pickle): a state directory can be inspected with `jq`.
+Only JSON is written (never pickle): a state directory can be inspected with `jq` (float32 vectors
+are base64 strings of their little-endian bytes: `np.frombuffer(base64.b64decode(s), "<f4")`).
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -34,10 +37,11 @@ log = logging.getLogger(__name__)
 SNAPSHOT = "snapshot.jsonl"  # a header line, then the long lists in chunks of SNAPSHOT_CHUNK items
 LEGACY_SNAPSHOT = "snapshot.json"  # one JSON document (agents before 0.2); read once, then replaced
 SNAPSHOT_CHUNK = 1000
-FORMAT = 2  # 2: recent and pending ids as id_key() digests (1: id strings; still read)
+FORMAT = 3  # 3: float32 vectors as base64; 2: recent and pending ids as id_key() digests (1: id strings). All read.
 DEFAULT_CONTEXT = "default"
 
 
+@functools.lru_cache(maxsize=256)  # a sample's id is keyed again by its label, usually soon after
 def id_key(sid: str | int) -> int:
     """A sample id as a 60-bit BLAKE2b digest: what the dedupe record and the pending samples are keyed by.
 
@@ -125,7 +129,7 @@ class AgentState:
             key = id_key(r["id"])
             self.recent.remember(key, r.get("f", 0) << 1)
             if "x" in r:
-                self.pending[key] = (r["c"], np.asarray(r["x"], np.float32).tobytes())
+                self.pending[key] = (r["c"], _f32_bytes(r["x"]))
                 while len(self.pending) > self.pending_limit:
                     self.pending.popitem(last=False)
             self.outbox[r["id"]] = r["o"]
@@ -138,13 +142,13 @@ class AgentState:
             self.recent.mark_labelled(key)
             c = self.context(r["c"])
             x = r["x"]
-            c.support.append((r["id"], x if isinstance(x, np.ndarray) else np.asarray(x, np.float32), r["y"]))
+            c.support.append((r["id"], x if isinstance(x, np.ndarray) else _f32(x), r["y"]))
             c.since_adapt += 1
             c.n_labels += 1
         elif t == "a":
             c = self.context(r["c"])
             s = r["s"]
-            c.state = s if isinstance(s, np.ndarray) else np.asarray(s, np.float32)
+            c.state = s if isinstance(s, np.ndarray) else _f32(s).copy()
             c.adapted_on = r["n"]
             c.since_adapt = 0
         elif t == "c":
@@ -194,8 +198,8 @@ class AgentState:
             "current": self.current,
             "contexts": {
                 name: {
-                    "support": [[sid, x.tolist(), y] for sid, x, y in c.support],
-                    "state": None if c.state is None else c.state.tolist(),
+                    "support": [[sid, _b64(x), y] for sid, x, y in c.support],
+                    "state": None if c.state is None else _b64(c.state),
                     "adapted_on": c.adapted_on,
                     "since_adapt": c.since_adapt,
                     "n_labels": c.n_labels,
@@ -207,7 +211,7 @@ class AgentState:
     def sections(self):
         """("recent" | "pending" | "outbox", list of at most SNAPSHOT_CHUNK entries), oldest first."""
         yield from _chunks("recent", ([key, lab] for key, lab in self.recent.items()))
-        yield from _chunks("pending", ([key, ctx, np.frombuffer(x, np.float32).tolist()]
+        yield from _chunks("pending", ([key, ctx, base64.b64encode(x).decode("ascii")]
                                        for key, (ctx, x) in self.pending.items()))
         yield from _chunks("outbox", ([sid, p] for sid, p in self.outbox.items()))
         yield from _chunks("early", self.early.items())
@@ -221,7 +225,7 @@ class AgentState:
 
     def load_header(self, d: dict) -> None:
         fmt = d.get("format")
-        if fmt not in (1, FORMAT):
+        if fmt not in (1, 2, FORMAT):
             raise StateError(f"snapshot format {fmt!r} is not {FORMAT}")
         self._key = id_key if fmt == 1 else int  # format 1 stored the id strings themselves
         self.model_version = d.get("model_version")
@@ -229,8 +233,8 @@ class AgentState:
         for name, c in d["contexts"].items():
             cs = self.context(name)
             # A smaller K in the new config keeps the newest samples (deque maxlen drops the oldest).
-            cs.support.extend((sid, np.asarray(x, np.float32), y) for sid, x, y in c["support"])
-            cs.state = None if c["state"] is None else np.asarray(c["state"], np.float32)
+            cs.support.extend((sid, _f32(x), y) for sid, x, y in c["support"])
+            cs.state = None if c["state"] is None else _f32(c["state"]).copy()
             cs.adapted_on, cs.since_adapt, cs.n_labels = c["adapted_on"], c["since_adapt"], c["n_labels"]
 
     def load_section(self, name: str, items: list) -> None:
@@ -240,7 +244,7 @@ class AgentState:
                 self.recent.remember(key(sid), lab)  # lab: packed (format 2: a bool, "labelled")
         elif name == "pending":
             for sid, ctx, x in items:
-                self.pending[key(sid)] = (ctx, np.asarray(x, np.float32).tobytes())
+                self.pending[key(sid)] = (ctx, _f32_bytes(x))
                 if len(self.pending) > self.pending_limit:
                     self.pending.popitem(last=False)
         elif name == "outbox":
@@ -269,9 +273,27 @@ def _chunks(name: str, items):
         yield name, chunk
 
 
+# Float32 vectors (features, adapted states) are journaled as base64 of their little-endian bytes:
+# exact, and ~40x cheaper to encode than a JSON list of float reprs, which was most of the cost of a
+# label (an adapted state of a few hundred floats per adaptation). Lists of numbers (older agents)
+# are still read.
+def _b64(x: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(x, "<f4").tobytes()).decode("ascii")
+
+
+def _f32(v) -> np.ndarray:
+    if isinstance(v, str):
+        return np.frombuffer(base64.b64decode(v), "<f4")
+    return np.asarray(v, np.float32)
+
+
+def _f32_bytes(v) -> bytes:
+    return base64.b64decode(v) if isinstance(v, str) else np.asarray(v, "<f4").tobytes()
+
+
 def _default(o):
     if isinstance(o, np.ndarray):
-        return o.tolist()
+        return _b64(o) if o.dtype == np.float32 else o.tolist()
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"cannot journal {type(o).__name__}")
