@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import StateError
-from edge_agent.state import LEGACY_SNAPSHOT, SNAPSHOT, SNAPSHOT_CHUNK, AgentState, Store
+from edge_agent.state import FORMAT, LEGACY_SNAPSHOT, SNAPSHOT, SNAPSHOT_CHUNK, AgentState, Store
 
 
 def _fresh():
@@ -129,7 +129,7 @@ def test_snapshot_of_format_1_is_still_read(tmp_path):
     assert st.unlabelled("2")[0] == "A" and st.unlabelled("2")[1].tolist() == [2.0, 3.0]
     assert list(st.outbox) == ["2"] and st.contexts["A"].n_labels == 1
     s.compact(st)
-    assert json.loads((tmp_path / SNAPSHOT).read_text().splitlines()[0])["state"]["format"] == 2
+    assert json.loads((tmp_path / SNAPSHOT).read_text().splitlines()[0])["state"]["format"] == FORMAT
     assert not (tmp_path / LEGACY_SNAPSHOT).exists()
     s.close()
     again = _fresh()
