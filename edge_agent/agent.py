@@ -33,7 +33,7 @@ from .observer import Observer, Observers
 from .protocol import Sample, Schema, decode, label_value, parse_context, parse_label, parse_sample, peek_id
 from .early_labels import expiry_records, hold_records
 from .sample_ids import check_known, content, reused_report
-from .state import AgentState, Store, id_key
+from .state import AgentState, Derived, Store, id_key
 from .transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ class Agent(ModelLifecycle):
 
     def _restore(self) -> None:
         n = self.store.load(self.state)
+        self._rederive_states()
         if self.state.model_version not in (None, self.model.version):
             # Adapted states belong to the old graph's parameter layout; the support sets do not.
             log.warning("model changed %s -> %s: re-adapting from the stored support sets",
@@ -239,6 +240,20 @@ class Agent(ModelLifecycle):
         self.store.compact(self.state)  # start every run from a snapshot and a fresh journal
         if n:
             log.info("restored state: %d journal records replayed", n)
+
+    def _rederive_states(self) -> None:
+        """Adapted states that the journal holds only as "adapted on this support set" (state.Derived)."""
+        for name, c in self.state.contexts.items():
+            if c.replay_support is None:
+                continue
+            support, c.replay_support = c.replay_support, None
+            if self.state.model_version not in (None, self.model.version):
+                continue  # another model: all states are re-adapted below anyway
+            try:
+                c.state = self.model.adapt(*c.support_arrays(support))
+            except Exception as e:  # noqa: BLE001 - serve with the meta-initialisation, re-adapt on new labels
+                log.error("re-deriving the adapted state of context %r failed (%s); meta-initialisation", name, e)
+                c.state, c.adapted_on = None, 0
 
     def _resend_outbox(self) -> None:
         # Predictions that were committed but never confirmed by the broker before we went down.
@@ -497,7 +512,7 @@ class Agent(ModelLifecycle):
             self._report("labels", PayloadError("adapt_failed", f"adaptation failed: {e}"))
             return
         dt = time.perf_counter() - t0
-        self._record({"t": "a", "c": ctx, "s": new, "n": len(c.support)}, records)
+        self._record({"t": "a", "c": ctx, "s": Derived(new), "n": len(c.support)}, records)
         log.debug("adapted context %r on %d labelled samples in %.1f ms", ctx, len(c.support), dt * 1e3)
         self.obs.on_adapt(dt, len(c.support), ctx)
 

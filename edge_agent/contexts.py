@@ -34,14 +34,17 @@ class ContextState:
     adapted_on: int = 0  # support size the current state was adapted on
     since_adapt: int = 0  # labels joined since the last adaptation
     n_labels: int = 0
+    # Replay only: the support set as it was at an adaptation journaled without its state (state.py,
+    # Derived); the agent re-derives the state from it before serving.
+    replay_support: list | None = None
 
     def __post_init__(self):
         self.support = deque(self.support, maxlen=self.k)
 
-    def support_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def support_arrays(self, support=None) -> tuple[np.ndarray, np.ndarray]:
         """(xs [n, *F] float32, ys [n]) oldest first: what the adapt graph takes. np.array rather than
         np.stack: the same array for equal-shape vectors at a fifth of the cost, paid per label."""
-        sup = self.support
+        sup = self.support if support is None else support
         return np.array([x for _, x, _ in sup]), np.array([y for _, _, y in sup])
 
 

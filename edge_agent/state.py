@@ -148,7 +148,13 @@ class AgentState:
         elif t == "a":
             c = self.context(r["c"])
             s = r["s"]
-            c.state = s if isinstance(s, np.ndarray) else _f32(s).copy()
+            c.replay_support = None
+            if type(s) is Derived:
+                c.state = s.value
+            elif s is None:  # journaled without it: re-derived from this support set before serving
+                c.state, c.replay_support = None, list(c.support)
+            else:
+                c.state = s if isinstance(s, np.ndarray) else _f32(s).copy()
             c.adapted_on = r["n"]
             c.since_adapt = 0
         elif t == "c":
@@ -291,7 +297,20 @@ def _f32_bytes(v) -> bytes:
     return base64.b64decode(v) if isinstance(v, str) else np.asarray(v, "<f4").tobytes()
 
 
+class Derived:
+    """An adapted state in a live "a" record: applied as is, journaled as null. Replay re-derives it from
+    the support set (journaled anyway; the graph is deterministic): a state is up to 10^5 floats, which
+    every label would otherwise write to the journal and fsync."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+
+
 def _default(o):
+    if type(o) is Derived:
+        return None
     if isinstance(o, np.ndarray):
         return _b64(o) if o.dtype == np.float32 else o.tolist()
     if isinstance(o, np.generic):

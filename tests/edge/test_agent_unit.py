@@ -337,3 +337,25 @@ def test_reused_ids_dedupe_window_accepts_a_new_part(tmp_path):
     assert [(r, i) for r, i, _ in _errors(a)] == [("duplicate_id", 7), ("id_reused", 7)]
     assert [x.tolist() for _, x, _ in a.state.contexts["default"].support] == [[4.0, 4.0]]
     a.store.close()
+
+
+def test_adapted_state_not_journaled_but_rederived_after_a_crash(tmp_path):
+    """Issue 12 item 15: a label no longer writes the adapted state (up to 10^5 floats) to the journal;
+    after a crash the state is re-derived from the journaled support set, identical."""
+    a = _agent(tmp_path, StubModel(), min_labels=1)
+    for i, y in enumerate(["scrap", "ok", "scrap"]):
+        _send(a, "samples", {"id": f"r{i}", "features": [i, 1], "label": y})
+    _send(a, "samples", {"id": "r3", "features": [0, 1], "context": "B", "label": "ok"})
+    before = {n: c.state.copy() for n, c in a.state.contexts.items()}
+    a.store.close()  # a crash: no compaction, the journal is all there is
+    journal = [r for p in sorted((tmp_path / "state").glob("journal-*.jsonl"))
+               for line in p.read_text().splitlines() for r in json.loads(line)]
+    adapts = [r for r in journal if r["t"] == "a"]
+    assert len(adapts) == 4 and all(r["s"] is None for r in adapts)
+    model = StubModel()
+    b = _agent(tmp_path, model, min_labels=1)
+    assert {n: c.state.tolist() for n, c in b.state.contexts.items()} == {n: s.tolist() for n, s in before.items()}
+    assert model.adapt_calls == [3, 1]  # re-derived once per context, on the support set of its last adaptation
+    _send(b, "samples", {"id": "r4", "features": [0, 1]})
+    assert _predictions(b)[-1]["adapted"] and _predictions(b)[-1]["n_support"] == 3
+    b.store.close()
