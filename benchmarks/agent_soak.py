@@ -2,6 +2,13 @@
 
     .venv/bin/python benchmarks/agent_soak.py                   # 1,000,000 samples
     .venv/bin/python benchmarks/agent_soak.py --samples 60000   # shortened
+    .venv/bin/python benchmarks/agent_soak.py --distinct-contexts --samples 100000
+
+--distinct-contexts: every sample names a context never seen before and carries its label (issue 12
+item 2: any publisher can invent context names), so every sample creates a context; the agent keeps
+limits.max_contexts (--max-contexts) of them. Also reported: the state directory's size (snapshot +
+journal) at the start, middle and end, and RSS at the same points; pass also needs the state size at
+the end within --max-state-growth-mib of the middle one.
 
 The agent runs as a real process (`python -m edge_agent run`) on a linear test bundle (tests/edge/
 linear_bundle.py), every 4th sample carries its label (so it adapts all along), a context switch every
@@ -71,6 +78,11 @@ class Counter:
         self.c.loop_stop()
 
 
+def state_mib(state_dir: Path) -> float:
+    """Snapshot + journals (+ installed bundles) on disk."""
+    return sum(p.stat().st_size for p in state_dir.rglob("*") if p.is_file()) / 2**20 if state_dir.exists() else 0.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=1_000_000)
@@ -78,6 +90,9 @@ def main(argv=None) -> int:
                     "min(100000, samples/3), at least 25000 so that the id/pending/resend caches are full)")
     ap.add_argument("--window", type=int, default=500, help="samples in flight without a prediction")
     ap.add_argument("--max-growth-mib", type=float, default=5.0)
+    ap.add_argument("--distinct-contexts", action="store_true", help="each sample in a new context, labelled")
+    ap.add_argument("--max-contexts", type=int, default=1000, help="limits.max_contexts of the agent")
+    ap.add_argument("--max-state-growth-mib", type=float, default=2.0)
     args = ap.parse_args(argv)
     n = args.samples
     warmup = args.warmup if args.warmup is not None else max(25_000, min(100_000, n // 3))
@@ -88,13 +103,15 @@ def main(argv=None) -> int:
     cfg = {"topic_prefix": PREFIX, "state_dir": str(work / "state"), "log_level": "warning",
            "broker": {"host": broker.host, "port": broker.port, "client_id": "soak-agent"},
            "bundle": {"dir": str(bundle), "allow_unsigned": True},
-           "adaptation": {"support_size": 10, "min_labels": 3, "adapt_every": 1}}
+           "adaptation": {"support_size": 10, "min_labels": 3, "adapt_every": 1},
+           "limits": {"max_contexts": args.max_contexts}}
     (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
     log = open(work / "agent.log", "wb")
     agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(work / "agent.yaml")],
                              stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
     counter = Counter(broker.host, broker.port, n)
     rss_samples: list[tuple[int, int]] = []  # (samples sent, RSS KiB)
+    points: dict[str, tuple[int, float, float]] = {}  # start/middle/end -> (samples, RSS MiB, state MiB)
     try:
         if not counter.online.wait(30):
             raise SystemExit("agent did not come online")
@@ -107,10 +124,16 @@ def main(argv=None) -> int:
         for i in range(n):
             while i - counter.received >= args.window:
                 time.sleep(0.001)
-            if i % 50_000 == 0 and i:
-                pub.publish("context", {"context": f"recipe-{(i // 50_000) % 5}"})
             j = i % len(x)
-            pub.sample(f"s-{i}", x[j], float(y[j]) if i % 4 == 0 else None)
+            if i in (0, n // 2):
+                points["start" if i == 0 else "middle"] = (i, rss_kib(agent.pid) / 1024, state_mib(work / "state"))
+            if args.distinct_contexts:
+                pub.publish("samples", {"id": f"s-{i}", "features": [float(v) for v in x[j]], "label": float(y[j]),
+                                        "context": f"ctx-{i}"})
+            else:
+                if i % 50_000 == 0 and i:
+                    pub.publish("context", {"context": f"recipe-{(i // 50_000) % 5}"})
+                pub.sample(f"s-{i}", x[j], float(y[j]) if i % 4 == 0 else None)
             now = time.monotonic()
             if now - t_rss >= 1.0:
                 t_rss = now
@@ -123,6 +146,7 @@ def main(argv=None) -> int:
         t_end = time.monotonic()
         final = rss_kib(agent.pid)
         rss_samples.append((n, final))
+        points["end"] = (n, final / 1024, state_mib(work / "state"))
         pub.close()
         agent.send_signal(15)
         rc = agent.wait(30)
@@ -146,8 +170,13 @@ def main(argv=None) -> int:
         "measured_span_s": round(t_end - t_warm, 1) if t_warm else None,
         "agent_exit": rc,
     }
+    for name, (i, rss, st) in points.items():
+        res[f"{name}_samples"], res[f"{name}_rss_mib"], res[f"{name}_state_mib"] = i, round(rss, 1), round(st, 2)
+    if args.distinct_contexts:
+        res["distinct_contexts"], res["max_contexts"] = n, args.max_contexts
+    state_ok = "middle" not in points or points["end"][2] - points["middle"][2] < args.max_state_growth_mib
     ok = lost == 0 and res["rss_growth_after_warmup_mib"] is not None and \
-        res["rss_growth_after_warmup_mib"] < args.max_growth_mib and rc == 0
+        res["rss_growth_after_warmup_mib"] < args.max_growth_mib and rc == 0 and state_ok
     res["pass"] = ok
     print(f"{'metric':<34}{'value':>14}")
     for k, v in res.items():

@@ -11,7 +11,11 @@ Measures, with the agent as a real `python -m edge_agent run` process:
 Targets: >= 10,000 samples/s, p99 < 10 ms at 1,000/s, RSS < 80 MiB, online < 1 s.
 Without --bundle a linear test bundle (tests/edge/linear_bundle.py, needs onnx) is generated and signed:
 the agent runs with the production trust settings (signature checked at start).
-Samples only (no labels), QoS 1 both ways, the full durable path (journal fsync per batch).
+QoS 1 both ways, the full durable path (journal fsync per batch). Samples only by default;
+`--labels inline` gives every sample its label (`"label"` in the sample), `--labels topic` sends each
+label as its own message on `labels` right after its sample: with adaptation.adapt_every 1 (the
+default) every sample then costs a re-adaptation (issue 12 item 15). `--profile PATH` runs the agent
+under cProfile and writes its stats there (read with `python -m pstats PATH`).
 `--paho-echo` runs the same load against benchmarks/paho_echo.py (paho-mqtt with the agent's MQTT
 pattern but no work at all): the ceiling that paho itself sets on this machine.
 """
@@ -80,13 +84,21 @@ class Probe:
             if len(self.recv) >= self.expect:
                 self.done.set()
 
-    def run(self, tag: str, n: int, rate: float, features: list[list[float]], timeout: float = 120.0) -> dict:
+    def run(self, tag: str, n: int, rate: float, features: list[list[float]], timeout: float = 120.0,
+            labels: str = "none") -> dict:
         ids = [f"{tag}-{i}" for i in range(n)]
         with self._lock:
             self.expect = len(self.recv) + n
             self.done.clear()
-        payloads = [json.dumps({"id": sid, "features": features[i % len(features)]}) for i, sid in enumerate(ids)]
-        topic = f"{PREFIX}/samples"
+
+        def label(i):  # a label that depends on the features, so the adapted state keeps moving
+            return round(float(np.sum(features[i % len(features)])) * 0.5 + (i % 7) * 0.01, 4)
+
+        payloads = [json.dumps({"id": sid, "features": features[i % len(features)],
+                                **({"label": label(i)} if labels == "inline" else {})}) for i, sid in enumerate(ids)]
+        label_payloads = ([json.dumps({"id": sid, "label": label(i)}) for i, sid in enumerate(ids)]
+                          if labels == "topic" else None)
+        topic, label_topic = f"{PREFIX}/samples", f"{PREFIX}/labels"
         t0 = time.monotonic()
         for i, (sid, p) in enumerate(zip(ids, payloads)):
             if rate:
@@ -96,13 +108,15 @@ class Probe:
                     time.sleep(delay)
             self.sent[sid] = time.monotonic()
             self.pub.publish(topic, p, qos=1)
+            if label_payloads:
+                self.pub.publish(label_topic, label_payloads[i], qos=1)
         t_pub = time.monotonic()
         self.done.wait(timeout)
         got = [sid for sid in ids if sid in self.recv]
         lat = np.array([self.recv[s] - self.sent[s] for s in got]) * 1e3
         t_last = max(self.recv[s] for s in got) if got else t_pub
         return {
-            "phase": tag, "target_rate": rate or "max", "samples": n, "predicted": len(got),
+            "phase": tag, "target_rate": rate or "max", "samples": n, "labels": labels, "predicted": len(got),
             "publish_rate_sps": round(n / max(t_pub - t0, 1e-9), 1),
             "throughput_sps": round(len(got) / max(t_last - t0, 1e-9), 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
@@ -150,6 +164,9 @@ def main() -> int:
     ap.add_argument("--broker-inflight", type=int, default=0,
                     help="mosquitto max_inflight_messages (0: unlimited; deploy/mosquitto ships 100)")
     ap.add_argument("--agent-log", default=None, help="keep the agent's log (level info) at this path")
+    ap.add_argument("--labels", choices=["none", "inline", "topic"], default="none",
+                    help="a label with every sample: inside it, or as its own message on the labels topic")
+    ap.add_argument("--profile", default=None, help="run the agent under cProfile, stats to this path")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="agent-bench-"))
@@ -189,6 +206,8 @@ def main() -> int:
         probe = Probe(port)
         t_spawn = time.monotonic()
         cmd = [sys.executable, "-m", "edge_agent", "run", "--config", str(work / "agent.yaml")]
+        if args.profile:
+            cmd[1:1] = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]
         if args.paho_echo:
             cmd = [sys.executable, str(Path(__file__).with_name("paho_echo.py")), str(port), PREFIX]
         agent = subprocess.Popen(cmd, cwd=str(REPO), stdout=open(work / "agent.log", "wb"), stderr=subprocess.STDOUT)
@@ -200,15 +219,15 @@ def main() -> int:
             return 1
         online_s = probe.online_at - t_spawn
         rss_online = _rss(agent.pid).get("VmRSS")
-        probe.run("warmup", 200, 0, features)
+        probe.run("warmup", 200, 0, features, labels=args.labels)
         phases = [
-            probe.run("r100", int(100 * args.duration), 100, features),
-            probe.run("r1000", int(1000 * args.duration), 1000, features),
+            probe.run("r100", int(100 * args.duration), 100, features, labels=args.labels),
+            probe.run("r1000", int(1000 * args.duration), 1000, features, labels=args.labels),
         ]
         phases[0]["rss_mib_after"] = _rss(agent.pid).get("VmRSS")
         phases[1]["rss_mib_after"] = _rss(agent.pid).get("VmRSS")
         cpu0 = {"agent": _cpu(agent.pid), "mosquitto": _cpu(broker.pid), "bench": _cpu(os.getpid())}
-        phases.append(probe.run("max", args.max_samples, 0, features))
+        phases.append(probe.run("max", args.max_samples, 0, features, labels=args.labels))
         cpu1 = {"agent": _cpu(agent.pid), "mosquitto": _cpu(broker.pid), "bench": _cpu(os.getpid())}
         # Where the max-rate phase spent CPU (the 2 shared cores are the limit on a small box)
         phases[-1]["cpu_s"] = {k: round(sum(cpu1[k]) - sum(cpu0[k]), 2) for k in cpu1}
@@ -217,7 +236,7 @@ def main() -> int:
         agent.send_signal(signal.SIGTERM)
         rc = agent.wait(30)
         phases[-1]["rss_mib_after"] = rss.get("VmRSS")
-        result = {"online_s": round(online_s, 3), "rss_mib_online": rss_online, "rss_mib": rss.get("VmRSS"), "peak_rss_mib": rss.get("VmHWM"),
+        result = {"labels": args.labels, "online_s": round(online_s, 3), "rss_mib_online": rss_online, "rss_mib": rss.get("VmRSS"), "peak_rss_mib": rss.get("VmHWM"),
                   "phases": phases, "sigterm_exit_code": rc, "cpus": os.cpu_count(),
                   "load_avg_1m": round(os.getloadavg()[0], 2)}
         p1000 = phases[1]["p99_ms"]
@@ -246,6 +265,7 @@ def main() -> int:
     print(f"max-rate phase CPU seconds: {phases[-1]['cpu_s']} (agent threads {phases[-1]['agent_threads_cpu_s']})")
     print(f"RSS MiB: online {result['rss_mib_online']}, after " +
           ", ".join(f"{p['phase']} {p['rss_mib_after']}" for p in phases))
+    print(f"labels: {args.labels}")
     print(f"online in {result['online_s']:.3f} s; RSS {result['rss_mib']} MiB (peak {result['peak_rss_mib']} MiB); "
           f"SIGTERM exit {result['sigterm_exit_code']}")
     for k, ok in result["targets"].items():

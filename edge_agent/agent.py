@@ -31,7 +31,9 @@ from .model import Model
 from .sdnotify import watchdog_interval
 from .observer import Observer, Observers
 from .protocol import Sample, Schema, decode, label_value, parse_context, parse_label, parse_sample, peek_id
-from .state import AgentState, Store
+from .early_labels import expiry_records, hold_records
+from .sample_ids import check_known, content, reused_report
+from .state import AgentState, Derived, Store, id_key
 from .transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,8 @@ class Agent(ModelLifecycle):
         self.schema = Schema(model.feature_names, model.input_shape, model.task_kind, model.class_names)
         self.k = min(cfg.adaptation.support_size or model.recommended_k, model.max_support)
         lim = cfg.limits
-        self.state = AgentState(self.k, lim.recent_ids, lim.pending_samples)
+        self.state = AgentState(self.k, lim.recent_ids, lim.pending_samples, lim.max_contexts, lim.early_labels,
+                                lim.early_label_ttl_s)
         self.store = store if store is not None else Store(cfg.state_dir)
         # A deque + Event rather than queue.Queue: half the cost per message, and the bound is ours.
         # Twice the Receive Maximum: room for one reconnect's redeliveries on top of a full queue.
@@ -186,6 +189,7 @@ class Agent(ModelLifecycle):
                 raise BrokerError(f"no connection to {self.cfg.broker.host}:{self.cfg.broker.port} "
                                   f"within {self.cfg.broker.connect_timeout:g}s")
         self._resend_outbox()
+        self._report_startup_refusal()
         log.info("online in %.2fs: model %s, context %r, %d context(s), %d pending, %d in outbox",
                  time.monotonic() - t0, self.model.version, self.state.current, len(self.state.contexts),
                  len(self.state.pending), len(self.state.outbox))
@@ -198,7 +202,8 @@ class Agent(ModelLifecycle):
         try:
             while not self._stop.is_set():
                 batch = self._take(self._tick_s)
-                if batch or self.transport.published or self._dropped or self._overflow:
+                if (batch or self.transport.published or self._dropped or self._overflow
+                        or self.state.early.due(time.time())):
                     self._process(batch)
                 if self._reload.is_set():
                     self._reload.clear()
@@ -218,6 +223,7 @@ class Agent(ModelLifecycle):
 
     def _restore(self) -> None:
         n = self.store.load(self.state)
+        self._rederive_states()
         if self.state.model_version not in (None, self.model.version):
             # Adapted states belong to the old graph's parameter layout; the support sets do not.
             log.warning("model changed %s -> %s: re-adapting from the stored support sets",
@@ -234,6 +240,20 @@ class Agent(ModelLifecycle):
         self.store.compact(self.state)  # start every run from a snapshot and a fresh journal
         if n:
             log.info("restored state: %d journal records replayed", n)
+
+    def _rederive_states(self) -> None:
+        """Adapted states that the journal holds only as "adapted on this support set" (state.Derived)."""
+        for name, c in self.state.contexts.items():
+            if c.replay_support is None:
+                continue
+            support, c.replay_support = c.replay_support, None
+            if self.state.model_version not in (None, self.model.version):
+                continue  # another model: all states are re-adapted below anyway
+            try:
+                c.state = self.model.adapt(*c.support_arrays(support))
+            except Exception as e:  # noqa: BLE001 - serve with the meta-initialisation, re-adapt on new labels
+                log.error("re-deriving the adapted state of context %r failed (%s); meta-initialisation", name, e)
+                c.state, c.adapted_on = None, 0
 
     def _resend_outbox(self) -> None:
         # Predictions that were committed but never confirmed by the broker before we went down.
@@ -317,6 +337,8 @@ class Agent(ModelLifecycle):
                 group.clear()
                 group_ids.clear()
 
+        if self.state.early.due(time.time()):
+            self._journal_all(expiry_records(self.state.early, time.time()), records, errors)
         for it in batch:
             try:
                 if it.payload is None:
@@ -324,21 +346,29 @@ class Agent(ModelLifecycle):
                                                     f"({self.cfg.limits.max_payload_bytes})")
                 if it.kind == "samples":
                     s = parse_sample(decode(it.payload), self.schema)
-                    if s.id in group_ids or self.state.seen(s.id):
-                        self.obs.on_duplicate()
-                        # Not a broker redelivery (DUP flag) but the line publishing the sample again,
-                        # e.g. after a broker crash lost our prediction: send the same prediction again.
-                        if not it.dup and s.id not in self.state.outbox:
-                            p = self._sent.get(s.id)
-                            if p is not None:
-                                resend.append(p)
-                        continue
+                    if s.id in group_ids:
+                        flush()  # its first copy is in the state now, to compare with
+                    known = self.state.recent.get(id_key(s.id))
+                    if known is not None:
+                        verdict = self._known_id(s, known, it.dup, records)
+                        if verdict != "new":
+                            self.obs.on_duplicate()
+                            # Not a broker redelivery (DUP flag) but the line publishing the sample again,
+                            # e.g. after a broker crash lost our prediction: send the same prediction again.
+                            if verdict == "resend" and s.id not in self.state.outbox:
+                                p = self._sent.get(s.id)
+                                if p is not None:
+                                    resend.append(p)
+                            continue
+                        errors.append((it.kind, reused_report(s, known, time.time())))
                     y = None
                     if s.has_label:
                         try:
                             y = label_value(s.label, self.schema, s.id)
                         except PayloadError as e:  # still predict the sample; only its label is bad
                             errors.append((it.kind, e))
+                    elif self.state.early:
+                        y = self.state.early.get(id_key(s.id))  # its label came first (early_labels.py)
                     ctx = s.context or self.state.current
                     if group and group[0].ctx != ctx:
                         flush()
@@ -355,8 +385,13 @@ class Agent(ModelLifecycle):
                     if p is None:
                         if self.state.labelled(lab.id):
                             continue  # redelivered label, already joined
-                        raise PayloadError("unknown_sample_id", f"no recent unlabelled sample with id {lab.id!r}",
-                                           lab.id)
+                        if self.state.seen(lab.id):
+                            raise PayloadError("unknown_sample_id", f"sample {lab.id!r} is no longer held "
+                                               "(limits.pending_samples)", lab.id)
+                        # before its sample: held until it comes (early_labels.py)
+                        self._journal_all(hold_records(self.state.early, id_key(lab.id), lab.id, lab.y, time.time()),
+                                          records, errors)
+                        continue
                     self._join(lab.id, p[0], p[1], lab.y, records)
                 elif it.kind == "context":
                     flush()
@@ -430,6 +465,20 @@ class Agent(ModelLifecycle):
             if sid in outbox:  # else confirmed meanwhile (a copy paho re-sent itself)
                 mids[publish(topic, payload, qos=1, resent=resent)] = sid
 
+    def _known_id(self, s: Sample, known: int, dup: bool, records: list[dict]) -> str:
+        try:
+            return check_known(s, known, dup, self.cfg.limits.dedupe_window_s, time.time())
+        except PayloadError:
+            self._record({"t": "d", "id": s.id}, records)  # a later label could be for either part
+            raise
+
+    def _journal_all(self, recs_errs: tuple[list[dict], list[PayloadError]], records: list[dict],
+                     errors: list) -> None:
+        recs, errs = recs_errs
+        for r in recs:
+            self._record(r, records)
+        errors.extend(("labels", e) for e in errs)
+
     def _record(self, r: dict, records: list[dict]) -> None:
         self.state.apply(r)
         records.append(r)
@@ -446,13 +495,15 @@ class Agent(ModelLifecycle):
     def _maybe_adapt(self, ctx: str, records: list[dict]) -> None:
         if ctx not in self._dirty:
             return
-        c = self.state.context(ctx)
+        c = self.state.contexts.get(ctx)
+        if c is None:  # evicted since its label (limits.max_contexts)
+            self._dirty.discard(ctx)
+            return
         pol = self.cfg.adaptation
         if c.n_labels < pol.min_labels or c.since_adapt < pol.adapt_every or not c.support:
             return
         self._dirty.discard(ctx)
-        xs = np.stack([x for _, x, _ in c.support])
-        ys = np.asarray([y for _, _, y in c.support])
+        xs, ys = c.support_arrays()
         t0 = time.perf_counter()
         try:
             new = self.model.adapt(xs, ys)
@@ -461,18 +512,18 @@ class Agent(ModelLifecycle):
             self._report("labels", PayloadError("adapt_failed", f"adaptation failed: {e}"))
             return
         dt = time.perf_counter() - t0
-        self._record({"t": "a", "c": ctx, "s": new, "n": len(c.support)}, records)
+        self._record({"t": "a", "c": ctx, "s": Derived(new), "n": len(c.support)}, records)
         log.debug("adapted context %r on %d labelled samples in %.1f ms", ctx, len(c.support), dt * 1e3)
         self.obs.on_adapt(dt, len(c.support), ctx)
 
     def _predict(self, group: list[_Pending], records: list[dict], out: list) -> None:
         ctx = group[0].ctx
         self._maybe_adapt(ctx, records)
-        c = self.state.context(ctx)
-        adapted = c.state is not None
+        c = self.state.contexts.get(ctx)  # a context without labels yet need not exist
+        adapted = c is not None and c.state is not None
         n_support = c.adapted_on if adapted else 0
         try:
-            y = self.model.predict(c.state if adapted else self.model.init_state, np.stack([p.sample.x for p in group]))
+            y = self.model.predict(c.state if adapted else self.model.init_state, np.array([p.sample.x for p in group]))
         except Exception as e:  # noqa: BLE001 - a model failure is reported per sample, not fatal
             log.exception("prediction failed")
             for p in group:
@@ -482,11 +533,12 @@ class Agent(ModelLifecycle):
         # Assembled by hand: json.dumps per prediction was the largest single cost at high rates.
         tail = (f',"model_version":{_jstr(self.model.version)},"context":{_jstr(ctx)},'
                 f'"adapted":{"true" if adapted else "false"},"n_support":{n_support},"latency_ms":')
+        now = time.time()
         for p, yi in zip(group, y):
             s = p.sample
-            payload = (f'{{"id":{_jstr(s.id)},"ts":{_jval(s.ts)},{self._format_prediction(yi)}'
+            payload = (f'{{"id":{_jval(s.id)},"ts":{_jval(s.ts)},{self._format_prediction(yi)}'
                        f'{tail}{round((t_done - p.t_recv) * 1e3, 3)}}}')
-            r = {"t": "s", "id": s.id, "c": ctx, "o": payload}
+            r = {"t": "s", "id": s.id, "c": ctx, "o": payload, "f": content(s, now)}
             if p.y is None:
                 r["x"] = s.x  # kept for a label that may arrive later
             self._record(r, records)
@@ -511,8 +563,8 @@ class Agent(ModelLifecycle):
         if now - t > 1.0:
             t, n = now, 0
         if n < 10:
-            log.warning("rejected %s message%s: %s: %s", topic_kind, f" {e.sample_id}" if e.sample_id else "",
-                        e.reason, e)
+            log.warning("%s %s message%s: %s: %s", "reported" if e.reason == "id_reused" else "rejected", topic_kind,
+                        f" {e.sample_id}" if e.sample_id is not None else "", e.reason, e)
         elif n == 10:
             log.warning("more rejected messages this second; not logging each")
         self._err_budget = (t, n + 1)

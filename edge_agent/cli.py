@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(config_path: str) -> int:
     from .agent import Agent
     from .config import load_config
+    from .lifecycle import startup_model
     from .observer import Observers
     from .state import Store
 
@@ -117,7 +118,7 @@ def _run(config_path: str) -> int:
     signal.signal(signal.SIGHUP, lambda signum, frame: reload_early.append(signum))
     store = Store(cfg.state_dir)  # the lock first: a second agent must not touch our bundles
     try:
-        model, bundles = _startup_model(cfg)
+        model, bundles = startup_model(cfg)
     except BaseException:
         store.close()
         raise
@@ -137,32 +138,6 @@ def _run(config_path: str) -> int:
     if reload_early:
         agent.request_reload()
     return agent.run()
-
-
-def _startup_model(cfg):
-    """The configured bundle must verify (else exit 3). If it is the one recorded at the last
-    activation from the config, the last activated bundle (hot reload, rollback) comes back instead."""
-    from .bundles import BundleStore
-    from .model import Model
-
-    bundles = BundleStore(cfg.state_dir, cfg.bundle.public_key, cfg.bundle.allow_unsigned, cfg.bundle.keep)
-    d, manifest = bundles.install(cfg.bundle.dir)
-    version = str(manifest["model_version"])
-    active = bundles.active
-    if active and active != version and bundles.meta.get("config_version") == version:
-        try:
-            ad, am = bundles.open_installed(active)
-            model = Model(str(ad), am)
-            model.dry_run()
-            log.info("model %s: the last activated bundle (configured: %s)", active, version)
-            return model, bundles
-        except Exception as e:  # noqa: BLE001 - fall back to the configured bundle
-            log.error("last activated bundle %s unusable (%s); starting with the configured %s", active, e, version)
-    model = Model(str(d), manifest)
-    model.dry_run()
-    if active != version or bundles.meta.get("config_version") != version:
-        bundles.activated(version, config_version=version)
-    return model, bundles
 
 
 def _metrics(cfg):

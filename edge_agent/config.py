@@ -78,6 +78,15 @@ class Limits:
     # costs memory (~1.5 KiB each inside paho): 1000 gave the same throughput and ~1.5 MiB more RSS.
     publish_window: int = 256
     resend_predictions: int = 2000  # confirmed predictions kept in memory, re-sent if their sample is re-published
+    # Contexts (support set + adapted state each) kept; the least recently used beyond it is forgotten
+    # (edge_agent/contexts.py): any publisher can invent context names.
+    max_contexts: int = 1000
+    # Labels that arrive before their sample are held (edge_agent/early_labels.py); 0: rejected at once.
+    early_labels: int = 1000
+    early_label_ttl_s: float = 60.0
+    # A known sample id with other content (a PLC counter reset): None refuses it (duplicate_id); a number
+    # of seconds accepts it as a new part once the id was last accepted at least that long ago (sample_ids.py).
+    dedupe_window_s: Optional[float] = None
 
 
 @dataclass
@@ -253,6 +262,10 @@ def _check(cfg: Config) -> None:
     need(lim.publish_window >= 1, "limits.publish_window", "must be >= 1")
     need(lim.batch_size >= 1, "limits.batch_size", "must be >= 1")
     need(lim.resend_predictions >= 0, "limits.resend_predictions", "must be >= 0")
+    need(lim.max_contexts >= 1, "limits.max_contexts", "must be >= 1")
+    need(lim.early_labels >= 0, "limits.early_labels", "must be >= 0")
+    need(lim.early_label_ttl_s > 0, "limits.early_label_ttl_s", "must be > 0")
+    need(lim.dedupe_window_s is None or lim.dedupe_window_s > 0, "limits.dedupe_window_s", "must be > 0 or null")
     need(1 <= cfg.metrics.port <= 65535, "metrics.port", "must be 1..65535")
     need(0 <= cfg.metrics.max_context_labels <= 10_000, "metrics.max_context_labels", "must be 0..10000")
 

@@ -69,27 +69,29 @@ class ModelLifecycle:
         if self.bundles is None:
             raise PayloadError("bundle_refused", "hot reload is not available in this agent", command_id)
         old = self.model.version
+        key = None
         try:
             d, manifest = self.bundles.install(src)
-            version = str(manifest["model_version"])
-            if from_config and version == self.bundles.meta.get("config_version"):
+            key = d.name
+            if from_config and key == self.bundles.meta.get("config_bundle"):
                 return False  # the configured bundle did not change; keep what was activated since
-            if version == old:
-                log.info("bundle %s (%s) is already serving", version, origin)
+            if key == self.bundles.active:
+                log.info("bundle %s (%s) is already serving", manifest["model_version"], origin)
                 if from_config or command_id is not None:
-                    self.bundles.activated(version, config_version=version if from_config else None,
-                                           command_id=command_id)
+                    self.bundles.activated(key, from_config=from_config, command_id=command_id)
                 return False
             model = Model(str(d), manifest)
             states = self._prepare_model(model)
         except BundleError as e:
+            if key is not None:
+                self.bundles.discard(key)  # a later valid bundle must not find this copy
             log.error("bundle from %s refused (%s): %s; model %s keeps serving", src, origin, e, old)
             raise PayloadError("bundle_refused", f"bundle {src} refused: {e}; model {old} keeps serving",
                                command_id) from None
         self._swap_model(model, states)
-        self.bundles.activated(version, config_version=version if from_config else None, command_id=command_id)
+        self.bundles.activated(key, from_config=from_config, command_id=command_id)
         self.store.compact(self.state)
-        log.info("model %s -> %s (%s); %d context(s) re-adapted", old, version, origin, len(states))
+        log.info("model %s -> %s (%s); %d context(s) re-adapted", old, model.version, origin, len(states))
         return True
 
     def _rollback(self, command_id: str | None) -> None:
@@ -108,7 +110,7 @@ class ModelLifecycle:
         self._swap_model(model, states)
         self.bundles.rolled_back(target, command_id)
         self.store.compact(self.state)
-        log.info("rolled back: model %s -> %s; %d context(s) re-adapted", old, target, len(states))
+        log.info("rolled back: model %s -> %s (%s); %d context(s) re-adapted", old, model.version, target, len(states))
 
     def _prepare_model(self, model: Model) -> dict:
         """Everything that can fail, before anything changes: the line protocol must stay the same, the
@@ -124,8 +126,7 @@ class ModelLifecycle:
         for name, c in self.state.contexts.items():
             if c.state is None or not c.support:
                 continue
-            xs = np.stack([x for _, x, _ in c.support])
-            ys = np.asarray([y for _, _, y in c.support])
+            xs, ys = c.support_arrays()
             try:
                 states[name] = (model.adapt(xs, ys), len(c.support))
             except Exception as e:  # noqa: BLE001
@@ -166,13 +167,33 @@ class ModelLifecycle:
             log.error("reload refused, keeping the running configuration: %s", e)
             self._report("config", PayloadError("config_invalid", f"reload refused: {e}"))
         else:
-            self._apply_config(new)
-            try:
-                self._load_bundle(self.cfg.bundle.dir, "config reload", from_config=True)
-            except PayloadError as e:
-                self._report("config", e)
+            self._reload_with(new)
         self.obs.on_reloaded(self.model.version)
         self._update_status()
+
+    def _reload_with(self, new: Config) -> None:
+        """The new configuration applies only once its bundle is accepted: applied first, a refused
+        bundle.dir would stay in the running config and the next start would trip on it."""
+        b = self.bundles
+        trust = None if b is None else (b.public_key, b.allow_unsigned, b.keep)
+        if b is not None:  # the new bundle is checked against the new key
+            b.set_trust(new.bundle.public_key, new.bundle.allow_unsigned, new.bundle.keep)
+        try:
+            self._load_bundle(new.bundle.dir, "config reload", from_config=True)
+        except PayloadError as e:
+            if b is not None:
+                b.set_trust(*trust)
+            log.error("reload refused, keeping the running configuration: %s", e)
+            e.args = (f"reload refused, keeping the running configuration: {e}",)
+            self._report("config", e)
+            return
+        self._apply_config(new)
+
+    def _report_startup_refusal(self) -> None:
+        """Said once online: the configured bundle was refused at start and an installed one serves."""
+        msg = None if self.bundles is None else self.bundles.refused_at_start
+        if msg:
+            self._report("config", PayloadError("bundle_refused", msg))
 
     def _apply_config(self, new: Config) -> None:
         old = self.cfg
@@ -187,7 +208,9 @@ class ModelLifecycle:
         new.path = old.path
         self.cfg = new
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
-        self.state.set_limits(new.limits.recent_ids, new.limits.pending_samples)
+        lim = new.limits
+        self.state.set_limits(lim.recent_ids, lim.pending_samples, lim.max_contexts, lim.early_labels,
+                              lim.early_label_ttl_s)
         k = min(new.adaptation.support_size or self.model.recommended_k, self.model.max_support)
         if k != self.k:
             self._resize_support(k)
@@ -232,6 +255,58 @@ class ModelLifecycle:
             except PayloadError as err:
                 self._report("watch", err)
             self.bundles.note(watched=(e.name, sig))
+
+
+def startup_model(cfg: Config):
+    """(model, BundleStore) to start with. The configured bundle normally; the last activated one
+    (hot reload, rollback) if the configured one is unchanged since it was last activated from the
+    config; and the last activated one, loudly, if the configured one is refused: a bad bundle.dir
+    (e.g. from a refused SIGHUP reload) must not keep a line down at its next restart. BundleError
+    (exit 3) only when neither can serve."""
+    from .bundles import BundleStore
+
+    bundles = BundleStore(cfg.state_dir, cfg.bundle.public_key, cfg.bundle.allow_unsigned, cfg.bundle.keep)
+    configured, refused = None, None
+    try:
+        configured = _open_checked(bundles, *bundles.install(cfg.bundle.dir))
+    except BundleError as e:
+        refused = e
+    active = bundles.active
+    if configured is not None:
+        key, model = configured
+        if not active or active == key or bundles.meta.get("config_bundle") != key:
+            if active != key or bundles.meta.get("config_bundle") != key:
+                bundles.activated(key, from_config=True)
+            return model, bundles
+    elif not active:
+        raise refused
+    try:
+        model = _open_checked(bundles, *bundles.open_installed(active))[1]
+    except BundleError as e:
+        if configured is None:
+            raise BundleError(f"{refused}; and the last activated bundle {active} is unusable too: {e}") from None
+        log.error("last activated bundle %s unusable (%s); starting with the configured %s", active, e,
+                  configured[1].version)
+        bundles.activated(configured[0], from_config=True)
+        return configured[1], bundles
+    if configured is None:
+        bundles.refused_at_start = (f"configured bundle {cfg.bundle.dir} refused: {refused}; serving the last "
+                                    f"activated bundle, model {model.version} ({active}), instead")
+        log.error("%s", bundles.refused_at_start)
+    else:
+        log.info("model %s: the last activated bundle (configured: %s)", model.version, configured[1].version)
+    return model, bundles
+
+
+def _open_checked(bundles, d, manifest) -> tuple[str, Model]:
+    """(key, model) of an installed bundle that loads and passes its test run; a refused one is removed."""
+    try:
+        model = Model(str(d), manifest)
+        model.dry_run()
+    except Exception as e:  # noqa: BLE001 - onnxruntime and a malformed manifest raise their own types
+        bundles.discard(d.name)
+        raise e if isinstance(e, BundleError) else BundleError(f"bundle {d.name}: {type(e).__name__}: {e}") from e
+    return d.name, model
 
 
 def _dir_signature(path: str) -> str | None:

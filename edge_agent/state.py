@@ -8,12 +8,15 @@ predictions published and the incoming messages acknowledged to the broker. Star
 `compact_records` records, the whole state is written as one snapshot (temp file, fsync, rename,
 fsync dir) and the old journal files are deleted. Replay uses the same `apply` as live operation.
 
-Only JSON is written (never pickle): a state directory can be inspected with `jq`.
+Only JSON is written (never pickle): a state directory can be inspected with `jq` (float32 vectors
+are base64 strings of their little-endian bytes: `np.frombuffer(base64.b64decode(s), "<f4")`).
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -21,11 +24,12 @@ import logging
 import os
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .contexts import ContextState, Contexts  # noqa: F401 - ContextState: re-exported for callers
+from .early_labels import EarlyLabels
 from .errors import StateError
 
 log = logging.getLogger(__name__)
@@ -33,68 +37,74 @@ log = logging.getLogger(__name__)
 SNAPSHOT = "snapshot.jsonl"  # a header line, then the long lists in chunks of SNAPSHOT_CHUNK items
 LEGACY_SNAPSHOT = "snapshot.json"  # one JSON document (agents before 0.2); read once, then replaced
 SNAPSHOT_CHUNK = 1000
-FORMAT = 2  # 2: recent and pending ids as id_key() digests (1: id strings; still read)
+FORMAT = 3  # 3: float32 vectors as base64; 2: recent and pending ids as id_key() digests (1: id strings). All read.
 DEFAULT_CONTEXT = "default"
 
 
-@dataclass
-class ContextState:
-    k: int
-    support: deque = field(default_factory=deque)  # (sample id, x float32[F], y), newest last
-    state: np.ndarray | None = None  # adapted state; None -> meta-initialisation
-    adapted_on: int = 0  # support size the current state was adapted on
-    since_adapt: int = 0  # labels joined since the last adaptation
-    n_labels: int = 0
-
-    def __post_init__(self):
-        self.support = deque(self.support, maxlen=self.k)
-
-
-def id_key(sid: str) -> int:
+@functools.lru_cache(maxsize=256)  # a sample's id is keyed again by its label, usually soon after
+def id_key(sid: str | int) -> int:
     """A sample id as a 60-bit BLAKE2b digest: what the dedupe record and the pending samples are keyed by.
 
     An int of this size is a 32-byte object; the id string it replaces is ~60 bytes plus a second
     dict node. Two distinct ids inside a 20,000-id window collide with probability ~n^2/2^61 (2e-10).
+    Integer ids are type-tagged (a 0xff byte, which no UTF-8 string contains): 12 and "12" are two ids.
     """
-    return int.from_bytes(hashlib.blake2b(sid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 4
+    b = b"\xff" + str(sid).encode() if type(sid) is int else sid.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") >> 4
 
 
 class RecentIds:
-    """The last `limit` sample ids seen (oldest forgotten first), and whether each has been labelled."""
+    """The last `limit` sample ids seen (oldest forgotten first), each with a packed int: bit 0 labelled
+    yet; then (sample_ids.py) the 30-bit fingerprint of the sample's content and the wall-clock time it
+    was accepted. One int per id (an older snapshot's booleans read as "labelled, content unknown")."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._labelled: dict[int, bool] = {}  # id_key -> labelled yet
+        self._info: dict[int, int] = {}  # id_key -> packed
         self._order: deque[int] = deque()  # id_keys in order of first sight
 
     def __len__(self) -> int:
-        return len(self._labelled)
+        return len(self._info)
 
     def __contains__(self, key: int) -> bool:
-        return key in self._labelled
+        return key in self._info
+
+    def get(self, key: int) -> int | None:
+        return self._info.get(key)
 
     def labelled(self, key: int) -> bool:
-        return self._labelled.get(key, False)
+        return bool(self._info.get(key, 0) & 1)
 
-    def remember(self, key: int, labelled: bool) -> None:
-        known = self._labelled.get(key)
+    def remember(self, key: int, packed: int) -> None:
+        """A sample accepted (a re-used id keeps its place in the order: it is forgotten a little early)."""
+        if key not in self._info:
+            self._order.append(key)
+        self._info[key] = int(packed)
+        self._trim()
+
+    def mark_labelled(self, key: int) -> None:
+        known = self._info.get(key)
         if known is None:
             self._order.append(key)
-        self._labelled[key] = labelled or bool(known)
-        while len(self._labelled) > self.limit:
-            self._labelled.pop(self._order.popleft(), None)
+        self._info[key] = (known or 0) | 1
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._info) > self.limit:
+            self._info.pop(self._order.popleft(), None)
 
     def items(self):
-        """(id_key, labelled) oldest first."""
-        return ((k, self._labelled[k]) for k in self._order)
+        """(id_key, packed) oldest first."""
+        return ((k, self._info[k]) for k in self._order)
 
 
 class AgentState:
-    def __init__(self, k: int, recent_limit: int, pending_limit: int):
+    def __init__(self, k: int, recent_limit: int, pending_limit: int, max_contexts: int = 1000,
+                 early_labels: int = 1000, early_label_ttl_s: float = 60.0):
         self.k = k
         self.recent_limit = recent_limit
         self.pending_limit = pending_limit
-        self.contexts: dict[str, ContextState] = {}
+        self.contexts = Contexts(max_contexts)  # LRU-bounded (contexts.py)
         self.current = DEFAULT_CONTEXT
         self.model_version: str | None = None
         self.recent = RecentIds(recent_limit)  # read through seen() / labelled()
@@ -103,11 +113,13 @@ class AgentState:
         # ndarrays and the id string (~4.5 -> ~2 MiB at the default 10,000). Read through unlabelled().
         self.pending: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
         self.outbox: OrderedDict[str, str] = OrderedDict()  # sample id -> prediction payload (JSON text)
+        self.early = EarlyLabels(early_labels, early_label_ttl_s)  # labels waiting for their sample
 
     def context(self, name: str) -> ContextState:
-        c = self.contexts.get(name)
+        """The context, created if new; counts as its use (least recently used ones are evicted)."""
+        c = self.contexts.use(name)
         if c is None:
-            c = self.contexts[name] = ContextState(self.k)
+            c = self.contexts.create(name, self.k, self.current)
         return c
 
     # -- the only mutators: live operation and journal replay both go through here --------------
@@ -115,32 +127,47 @@ class AgentState:
         t = r["t"]
         if t == "s":
             key = id_key(r["id"])
-            self.recent.remember(key, False)
+            self.recent.remember(key, r.get("f", 0) << 1)
             if "x" in r:
-                self.pending[key] = (r["c"], np.asarray(r["x"], np.float32).tobytes())
+                self.pending[key] = (r["c"], _f32_bytes(r["x"]))
                 while len(self.pending) > self.pending_limit:
                     self.pending.popitem(last=False)
             self.outbox[r["id"]] = r["o"]
+            self.contexts.use(r["c"])
         elif t == "l":
             key = id_key(r["id"])
             self.pending.pop(key, None)
-            self.recent.remember(key, True)
+            if self.early:
+                self.early.take(key)
+            self.recent.mark_labelled(key)
             c = self.context(r["c"])
             x = r["x"]
-            c.support.append((r["id"], x if isinstance(x, np.ndarray) else np.asarray(x, np.float32), r["y"]))
+            c.support.append((r["id"], x if isinstance(x, np.ndarray) else _f32(x), r["y"]))
             c.since_adapt += 1
             c.n_labels += 1
         elif t == "a":
             c = self.context(r["c"])
             s = r["s"]
-            c.state = s if isinstance(s, np.ndarray) else np.asarray(s, np.float32)
+            c.replay_support = None
+            if type(s) is Derived:
+                c.state = s.value
+            elif s is None:  # journaled without it: re-derived from this support set before serving
+                c.state, c.replay_support = None, list(c.support)
+            else:
+                c.state = s if isinstance(s, np.ndarray) else _f32(s).copy()
             c.adapted_on = r["n"]
             c.since_adapt = 0
         elif t == "c":
-            self.current = r["c"]
             self.context(r["c"])
+            self.current = r["c"]
         elif t == "k":
             self.outbox.pop(r["id"], None)
+        elif t == "d":  # the id was re-used by another sample: a later label cannot tell which part it is for
+            self.pending.pop(id_key(r["id"]), None)
+        elif t == "e":
+            self.early.hold(id_key(r["id"]), r["id"], r["y"], r["w"])
+        elif t == "E":
+            self.early.take(id_key(r["id"]))
         else:
             raise ValueError(f"unknown state record type {t!r}")
 
@@ -156,10 +183,15 @@ class AgentState:
         p = self.pending.get(id_key(sid))
         return None if p is None else (p[0], np.frombuffer(p[1], np.float32))
 
-    def set_limits(self, recent_limit: int, pending_limit: int) -> None:
-        """New bounds (config reload); the oldest entries beyond them go at the next insertion."""
+    def set_limits(self, recent_limit: int, pending_limit: int, max_contexts: int, early_labels: int,
+                   early_label_ttl_s: float) -> None:
+        """New bounds (config reload); the oldest ids and early labels beyond them go at the next
+        insertion (early labels past their time at the next batch), contexts now."""
         self.recent_limit = self.recent.limit = recent_limit
         self.pending_limit = pending_limit
+        self.early.limit, self.early.ttl_s = early_labels, early_label_ttl_s
+        self.contexts.limit = max_contexts
+        self.contexts.evict(self.current)
 
     # -- snapshot ------------------------------------------------------------------------------
     # -- snapshot ------------------------------------------------------------------------------
@@ -172,8 +204,8 @@ class AgentState:
             "current": self.current,
             "contexts": {
                 name: {
-                    "support": [[sid, x.tolist(), y] for sid, x, y in c.support],
-                    "state": None if c.state is None else c.state.tolist(),
+                    "support": [[sid, _b64(x), y] for sid, x, y in c.support],
+                    "state": None if c.state is None else _b64(c.state),
                     "adapted_on": c.adapted_on,
                     "since_adapt": c.since_adapt,
                     "n_labels": c.n_labels,
@@ -185,20 +217,21 @@ class AgentState:
     def sections(self):
         """("recent" | "pending" | "outbox", list of at most SNAPSHOT_CHUNK entries), oldest first."""
         yield from _chunks("recent", ([key, lab] for key, lab in self.recent.items()))
-        yield from _chunks("pending", ([key, ctx, np.frombuffer(x, np.float32).tolist()]
+        yield from _chunks("pending", ([key, ctx, base64.b64encode(x).decode("ascii")]
                                        for key, (ctx, x) in self.pending.items()))
         yield from _chunks("outbox", ([sid, p] for sid, p in self.outbox.items()))
+        yield from _chunks("early", self.early.items())
 
     def to_json(self) -> dict:
         """The whole state as one dict (tests, inspection); the snapshot file holds the same in lines."""
-        d = {**self.header(), "recent": [], "pending": [], "outbox": []}
+        d = {**self.header(), "recent": [], "pending": [], "outbox": [], "early": []}
         for name, items in self.sections():
             d[name].extend(items)
         return d
 
     def load_header(self, d: dict) -> None:
         fmt = d.get("format")
-        if fmt not in (1, FORMAT):
+        if fmt not in (1, 2, FORMAT):
             raise StateError(f"snapshot format {fmt!r} is not {FORMAT}")
         self._key = id_key if fmt == 1 else int  # format 1 stored the id strings themselves
         self.model_version = d.get("model_version")
@@ -206,30 +239,33 @@ class AgentState:
         for name, c in d["contexts"].items():
             cs = self.context(name)
             # A smaller K in the new config keeps the newest samples (deque maxlen drops the oldest).
-            cs.support.extend((sid, np.asarray(x, np.float32), y) for sid, x, y in c["support"])
-            cs.state = None if c["state"] is None else np.asarray(c["state"], np.float32)
+            cs.support.extend((sid, _f32(x), y) for sid, x, y in c["support"])
+            cs.state = None if c["state"] is None else _f32(c["state"]).copy()
             cs.adapted_on, cs.since_adapt, cs.n_labels = c["adapted_on"], c["since_adapt"], c["n_labels"]
 
     def load_section(self, name: str, items: list) -> None:
         key = self._key
         if name == "recent":
             for sid, lab in items:
-                self.recent.remember(key(sid), lab)
+                self.recent.remember(key(sid), lab)  # lab: packed (format 2: a bool, "labelled")
         elif name == "pending":
             for sid, ctx, x in items:
-                self.pending[key(sid)] = (ctx, np.asarray(x, np.float32).tobytes())
+                self.pending[key(sid)] = (ctx, _f32_bytes(x))
                 if len(self.pending) > self.pending_limit:
                     self.pending.popitem(last=False)
         elif name == "outbox":
             self.outbox.update((sid, p) for sid, p in items)
+        elif name == "early":
+            for sid, y, t in items:
+                self.early.hold(id_key(sid), sid, y, t)
         else:
             raise StateError(f"unknown snapshot section {name!r}")
 
     def load_json(self, d: dict) -> None:
         """A whole-state dict (to_json(), or a legacy snapshot.json's "state")."""
         self.load_header(d)
-        for name in ("recent", "pending", "outbox"):
-            self.load_section(name, d[name])
+        for name in ("recent", "pending", "outbox", "early"):
+            self.load_section(name, d.get(name, []))
 
 
 def _chunks(name: str, items):
@@ -243,9 +279,40 @@ def _chunks(name: str, items):
         yield name, chunk
 
 
+# Float32 vectors (features, adapted states) are journaled as base64 of their little-endian bytes:
+# exact, and ~40x cheaper to encode than a JSON list of float reprs, which was most of the cost of a
+# label (an adapted state of a few hundred floats per adaptation). Lists of numbers (older agents)
+# are still read.
+def _b64(x: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(x, "<f4").tobytes()).decode("ascii")
+
+
+def _f32(v) -> np.ndarray:
+    if isinstance(v, str):
+        return np.frombuffer(base64.b64decode(v), "<f4")
+    return np.asarray(v, np.float32)
+
+
+def _f32_bytes(v) -> bytes:
+    return base64.b64decode(v) if isinstance(v, str) else np.asarray(v, "<f4").tobytes()
+
+
+class Derived:
+    """An adapted state in a live "a" record: applied as is, journaled as null. Replay re-derives it from
+    the support set (journaled anyway; the graph is deterministic): a state is up to 10^5 floats, which
+    every label would otherwise write to the journal and fsync."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+
+
 def _default(o):
+    if type(o) is Derived:
+        return None
     if isinstance(o, np.ndarray):
-        return o.tolist()
+        return _b64(o) if o.dtype == np.float32 else o.tolist()
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"cannot journal {type(o).__name__}")
@@ -321,7 +388,8 @@ class Store:
                 aside = snap.with_name(f"{snap.name}.corrupt-{int(time.time())}")
                 os.replace(snap, aside)
                 log.error("state snapshot unreadable (%s); moved to %s, starting with empty state", e, aside.name)
-                state.__init__(state.k, state.recent_limit, state.pending_limit)
+                state.__init__(state.k, state.recent_limit, state.pending_limit, state.contexts.limit, state.early.limit,
+                               state.early.ttl_s)
                 seq = 0
         replayed = 0
         for s, path in self._journals():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -44,6 +45,18 @@ class BundleSet:
         (p / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
         return p
 
+    def same_model(self, src: Path, name: str, **manifest_edits) -> Path:
+        """A signed copy of `src` with the same model files (so the same model_version) and an edited
+        manifest: e.g. other feature names, which the running line refuses after installation."""
+        p = self.base / name
+        shutil.copytree(src, p)
+        (p / "manifest.sig").unlink(missing_ok=True)
+        m = json.loads((p / "manifest.json").read_text())
+        m.update(manifest_edits)
+        (p / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+        sign_manifest(p, self.priv)
+        return p
+
     def incompatible(self, name: str) -> Path:
         fam3 = LinearFamily(mean_x=np.array([200.0, 5.0, 1200.0], np.float32),
                             std_x=np.array([10.0, 0.5, 100.0], np.float32),
@@ -55,6 +68,12 @@ class BundleSet:
 
 def version(bundle_dir: Path) -> str:
     return json.loads((Path(bundle_dir) / "manifest.json").read_text())["model_version"]
+
+
+def key(bundle_dir: Path) -> str:
+    """The name of the bundle's directory once installed in <state_dir>/bundles (docs/edge_agent.md):
+    the first 32 hex digits of the SHA-256 of its signed manifest.json."""
+    return hashlib.sha256((Path(bundle_dir) / "manifest.json").read_bytes()).hexdigest()[:32]
 
 
 def drop(bundle_dir: Path, watch_dir: Path, name: str) -> Path:

@@ -95,8 +95,8 @@ def test_malformed_payloads_are_reported_not_fatal(tmp_path, broker, bundle, lin
     from tests.support.mosquitto import free_port
 
     mport = free_port()
-    agent = agent_factory(write_config(tmp_path, broker, bundle, **{"metrics.enabled": True,
-                                                                    "metrics.port": mport})).start(line)
+    agent = agent_factory(write_config(tmp_path, broker, bundle, **{"metrics.enabled": True, "metrics.port": mport,
+                                                                    "limits.early_label_ttl_s": 1.0})).start(line)
     nf = bundle.n_features
     good = np.zeros(nf).tolist() if bundle.x is None else bundle.x[0].tolist()
     line.publish("samples", b"{not json")
@@ -104,11 +104,13 @@ def test_malformed_payloads_are_reported_not_fatal(tmp_path, broker, bundle, lin
     line.publish("samples", b'{"id": "nan", "features": [NaN' + b", 1.0" * (nf - 1) + b"]}")
     line.publish("samples", {"id": "big", "features": good, "pad": "x" * 5000})
     line.publish("samples", {"features": good})
-    line.publish("labels", {"id": "never-seen", "label": 1.0})
+    line.publish("labels", {"id": "never-seen", "label": 1.0})  # held 1 s for its sample, then reported
+    line.publish("labels", {"id": "late", "label": 1.0})  # its sample comes after it: joined, no error
     line.publish("labels", b"[1, 2]")
     line.publish("context", {"context": ""})
     line.sample("ok", good)
-    assert line.wait_predictions(["ok"], 10), agent.log()
+    line.sample("late", good)
+    assert line.wait_predictions(["ok", "late"], 10), agent.log()
     assert line.wait_for(lambda: len(line.errors) >= 8, 10), line.errors
     got = {(e["reason"], e["id"]) for e in line.errors}
     assert ("bad_json", None) in got
@@ -118,7 +120,8 @@ def test_malformed_payloads_are_reported_not_fatal(tmp_path, broker, bundle, lin
     assert ("bad_payload", None) in got
     assert ("unknown_sample_id", "never-seen") in got
     assert ("bad_context", None) in got
-    assert set(line.predictions) == {"ok"}
+    assert set(line.predictions) == {"ok", "late"}
+    assert not [e for e in line.errors if e["id"] == "late"]
     assert agent.proc.poll() is None
 
     # the same events, counted for Prometheus
@@ -126,7 +129,7 @@ def test_malformed_payloads_are_reported_not_fatal(tmp_path, broker, bundle, lin
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
     assert 'edge_agent_errors_total{reason="feature_count"} 1.0' in text
-    assert "edge_agent_predictions_total 1.0" in text
+    assert "edge_agent_predictions_total 2.0" in text
     assert agent.terminate() == 0
 
 

@@ -106,11 +106,11 @@ def test_duplicates_and_bad_labels(tmp_path):
     _send(a, "samples", {"id": "x1", "features": [0, 0]})  # redelivery
     _send(a, "labels", {"id": "x1", "label": 1})
     _send(a, "labels", {"id": "x1", "label": 1})  # redelivered label: ignored, not an error
-    _send(a, "labels", {"id": "x2", "label": 1})
+    _send(a, "labels", {"id": "x2", "label": 1})  # before its sample: held (limits.early_labels), no error
     _send(a, "samples", {"id": "x3", "features": [0, 0], "label": "bogus"})  # predicted; label rejected
     assert [p["id"] for p in _predictions(a)] == ["x1", "x3"]
     errors = [(m["reason"], m["id"]) for t, m in a.transport.sent if t == "errors"]
-    assert errors == [("unknown_sample_id", "x2"), ("bad_label", "x3")]
+    assert errors == [("bad_label", "x3")]
     assert len(a.transport.acks) == 6  # every message acknowledged, rejected ones too
     a.store.close()
 
@@ -223,3 +223,139 @@ def test_linear_bundle_adapt_moves_towards_the_task(linear_model):
     err_init = np.mean((m.predict(m.init_state, x[10:]) - y[10:]) ** 2)
     err_adapt = np.mean((m.predict(s, x[10:]) - y[10:]) ** 2)
     assert err_adapt < err_init
+
+
+def test_contexts_are_bounded_least_recently_used_evicted(tmp_path):
+    """Issue 12 item 2: a publisher inventing context names cannot grow the agent: at most
+    limits.max_contexts contexts, the one the line keeps using survives, every sample is predicted."""
+    cfg = config_from_dict({"topic_prefix": PREFIX, "state_dir": str(tmp_path / "state"),
+                            "bundle": {"dir": str(tmp_path), "allow_unsigned": True},
+                            "adaptation": {"min_labels": 1}, "limits": {"max_contexts": 3}})
+    a = Agent(cfg, StubModel(), transport_cls=RecordingTransport)
+    a._restore()
+    for i in range(30):
+        _send(a, "samples", {"id": f"k{i}", "features": [0, 0], "label": 1, "context": "keep"})
+        _send(a, "samples", {"id": f"s{i}", "features": [0, 0], "label": 1, "context": f"spam-{i}"})
+        _send(a, "samples", {"id": f"u{i}", "features": [0, 0], "context": f"unlabelled-{i}"})
+    assert sorted(a.state.contexts) == ["keep", "spam-28", "spam-29"]
+    preds = {p["id"]: p for p in _predictions(a)}
+    assert len(preds) == 90 and preds["k29"]["adapted"] and preds["k29"]["n_support"] == 4
+    assert not preds["u29"]["adapted"]  # a context without labels predicts with the meta-initialisation
+    a.store.compact(a.state)
+    a.store.close()
+    snap = json.loads((tmp_path / "state" / "snapshot.jsonl").read_text().splitlines()[0])
+    assert sorted(snap["state"]["contexts"]) == sorted(a.state.contexts)
+
+
+def _agent_limits(tmp_path, model, **limits):
+    cfg = config_from_dict({"topic_prefix": PREFIX, "state_dir": str(tmp_path / "state"),
+                            "bundle": {"dir": str(tmp_path), "allow_unsigned": True},
+                            "adaptation": {"min_labels": 1}, "limits": limits})
+    a = Agent(cfg, model, transport_cls=RecordingTransport)
+    a._restore()
+    return a
+
+
+def _errors(agent):
+    return [(m["reason"], m["id"], m["message"]) for t, m in agent.transport.sent if t == "errors"]
+
+
+def test_early_labels_are_held_and_joined_bounded_and_expire(tmp_path):
+    """Issue 12 item 8: a label before its sample is held (bounded count, TTL, journaled) and joined when
+    the sample comes; the sample is still predicted before its label is used."""
+    model = StubModel()
+    a = _agent_limits(tmp_path, model, early_labels=2, early_label_ttl_s=0.5)
+    _send(a, "labels", {"id": "e1", "label": "scrap"})
+    assert _errors(a) == [] and len(a.state.early) == 1
+    _send(a, "samples", {"id": "e1", "features": [0, 0]})
+    p = _predictions(a)[-1]
+    assert p["id"] == "e1" and not p["adapted"]  # predicted before its own label is used
+    assert model.adapt_calls == [1] and a.state.labelled("e1") and len(a.state.early) == 0
+    _send(a, "samples", {"id": "n1", "features": [0, 0]})
+    assert _predictions(a)[-1]["adapted"]
+
+    # bounded: a third held label pushes out the oldest, reported
+    for sid in ("o1", "o2", "o3"):
+        _send(a, "labels", {"id": sid, "label": 1})
+    errs = _errors(a)
+    assert [(r, i) for r, i, _ in errs] == [("unknown_sample_id", "o1")] and "limits.early_labels" in errs[0][2]
+    # held across a restart (journaled)
+    a.store.close()
+    b = _agent_limits(tmp_path, StubModel(), early_labels=2, early_label_ttl_s=0.5)
+    assert len(b.state.early) == 2
+    _send(b, "samples", {"id": "o2", "features": [0, 0]})
+    assert b.state.labelled("o2")
+    # expired: reported once, on the errors topic, even with no further traffic
+    time.sleep(0.6)
+    b._process([])
+    assert [(r, i) for r, i, _ in _errors(b)] == [("unknown_sample_id", "o3")]
+    assert "early_label_ttl_s" in _errors(b)[0][2] and len(b.state.early) == 0
+    _send(b, "samples", {"id": "o3", "features": [0, 0]})
+    assert not b.state.labelled("o3")
+    b.store.close()
+    c = _agent_limits(tmp_path, StubModel(), early_labels=2, early_label_ttl_s=0.5)
+    assert len(c.state.early) == 0 and not c.state.labelled("o3")
+    c.store.close()
+
+
+def test_reused_ids_default_policy_refuses_and_reports(tmp_path):
+    """Issue 12 item 9: a known id with other content (PLC counter reset) is neither answered with the
+    old part's prediction nor given the old part's label: refused, reported; 12 and "12" are two ids."""
+    a = _agent_limits(tmp_path, StubModel())
+    _send(a, "samples", {"id": "p1", "ts": 1, "features": [0, 0]})
+    _send(a, "samples", {"id": "p1", "ts": 1, "features": [0, 0]})  # the same part re-published: no error
+    _send(a, "samples", {"id": "p1", "ts": 2, "features": [5, 5]})  # another part, same id
+    _send(a, "labels", {"id": "p1", "label": 1})  # which part? not used
+    assert [p["id"] for p in _predictions(a)] == ["p1"]
+    assert [(r, i) for r, i, _ in _errors(a)] == [("duplicate_id", "p1"), ("unknown_sample_id", "p1")]
+    assert "limits.dedupe_window_s" in _errors(a)[0][2]
+    assert not a.state.contexts  # no label joined
+    # integer and string ids never collide; each is echoed with its own JSON type
+    _send(a, "samples", {"id": 12, "features": [0, 0]})
+    _send(a, "samples", {"id": "12", "features": [1, 1]})
+    _send(a, "labels", {"id": 12, "label": 1})
+    assert [p["id"] for p in _predictions(a)][-2:] == [12, "12"]
+    sup = a.state.contexts["default"].support
+    assert [(sid, x.tolist()) for sid, x, _ in sup] == [(12, [0.0, 0.0])]
+    assert a.state.unlabelled("12") is not None and a.state.unlabelled(12) is None
+    a.store.close()
+    b = _agent_limits(tmp_path, StubModel())  # the journal keeps the type of every id
+    assert b.state.unlabelled("12") is not None and b.state.labelled(12) and not b.state.labelled("12")
+    b.store.close()
+
+
+def test_reused_ids_dedupe_window_accepts_a_new_part(tmp_path):
+    a = _agent_limits(tmp_path, StubModel(), dedupe_window_s=0.5)
+    _send(a, "samples", {"id": 7, "features": [0, 0]})
+    _send(a, "samples", {"id": 7, "features": [3, 3]})  # within the window: refused
+    time.sleep(0.6)
+    _send(a, "samples", {"id": 7, "features": [0, 0]})  # the same content again: re-sent, not re-predicted
+    _send(a, "samples", {"id": 7, "features": [4, 4]})  # after the window: a new part
+    _send(a, "labels", {"id": 7, "label": 1})
+    preds = _predictions(a)
+    assert [p["id"] for p in preds] == [7, 7, 7] and preds[1] == preds[0] and preds[2] != preds[0]
+    assert [(r, i) for r, i, _ in _errors(a)] == [("duplicate_id", 7), ("id_reused", 7)]
+    assert [x.tolist() for _, x, _ in a.state.contexts["default"].support] == [[4.0, 4.0]]
+    a.store.close()
+
+
+def test_adapted_state_not_journaled_but_rederived_after_a_crash(tmp_path):
+    """Issue 12 item 15: a label no longer writes the adapted state (up to 10^5 floats) to the journal;
+    after a crash the state is re-derived from the journaled support set, identical."""
+    a = _agent(tmp_path, StubModel(), min_labels=1)
+    for i, y in enumerate(["scrap", "ok", "scrap"]):
+        _send(a, "samples", {"id": f"r{i}", "features": [i, 1], "label": y})
+    _send(a, "samples", {"id": "r3", "features": [0, 1], "context": "B", "label": "ok"})
+    before = {n: c.state.copy() for n, c in a.state.contexts.items()}
+    a.store.close()  # a crash: no compaction, the journal is all there is
+    journal = [r for p in sorted((tmp_path / "state").glob("journal-*.jsonl"))
+               for line in p.read_text().splitlines() for r in json.loads(line)]
+    adapts = [r for r in journal if r["t"] == "a"]
+    assert len(adapts) == 4 and all(r["s"] is None for r in adapts)
+    model = StubModel()
+    b = _agent(tmp_path, model, min_labels=1)
+    assert {n: c.state.tolist() for n, c in b.state.contexts.items()} == {n: s.tolist() for n, s in before.items()}
+    assert model.adapt_calls == [3, 1]  # re-derived once per context, on the support set of its last adaptation
+    _send(b, "samples", {"id": "r4", "features": [0, 1]})
+    assert _predictions(b)[-1]["adapted"] and _predictions(b)[-1]["n_support"] == 3
+    b.store.close()

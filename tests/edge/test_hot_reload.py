@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 from conftest import wait_until, write_config
-from signed_bundles import BundleSet, drop, version
+from signed_bundles import BundleSet, drop, key, version
 
 X = np.array([200.0, 5.0, 1200.0, 0.3], np.float32)
 
@@ -82,7 +82,7 @@ def test_command_load_rollback_and_restart(tmp_path, broker, line, agent_factory
     assert line.wait_for(lambda: vb in _online_versions(line), 15), agent.log()
     p = probe()
     assert p["model_version"] == vb and p["adapted"] and p["n_support"] == 5
-    assert (tmp_path / "state" / "bundles" / vb / "manifest.sig").exists()
+    assert (tmp_path / "state" / "bundles" / key(b) / "manifest.sig").exists()
     # a redelivered command is not carried out twice
     line.publish("commands", {"command": "load_bundle", "path": str(b), "id": "load-b"})
 
@@ -179,4 +179,91 @@ def test_allow_unsigned_applies_to_hot_reload(tmp_path, broker, bundle, line, ag
     assert Probe(line)()["model_version"] == version(u)
     assert agent.terminate() == 0
     assert wait_until(lambda: json.loads((tmp_path / "state" / "bundles" / "active.json").read_text())["active"]
-                      == version(u), 2)
+                      == key(u), 2)
+
+
+def test_refused_bundle_does_not_block_a_valid_one_with_the_same_model_files(tmp_path, broker, line, agent_factory):
+    """Issue 12 item 5: installed bundles are keyed by their signed manifest, and a refused install is
+    not kept: a valid bundle with the same model files (same model_version) as a refused one activates,
+    in the same run and after a restart."""
+    bs = BundleSet(tmp_path / "b")
+    a, b, c = bs.signed("a", 0.1), bs.signed("b", 0.2), bs.signed("c", 0.05)
+    names = json.loads((b / "manifest.json").read_text())["feature_names"]
+    renamed = [n + "_x" for n in names]  # signed, but the line's payloads would change: refused after install
+    b_bad, c_bad = bs.same_model(b, "b_bad", feature_names=renamed), bs.same_model(c, "c_bad", feature_names=renamed)
+    assert version(b_bad) == version(b) and key(b_bad) != key(b)
+
+    class Info:
+        path = a
+
+    cfg = write_config(tmp_path, broker, Info, **{"bundle.allow_unsigned": False, "bundle.public_key": str(bs.pub)})
+    agent = agent_factory(cfg).start(line)
+    probe = Probe(line)
+    installed = tmp_path / "state" / "bundles"
+
+    line.publish("commands", {"command": "load_bundle", "path": str(b_bad), "id": "bad-b"})
+    assert line.wait_for(lambda: _errors(line, "bundle_refused"), 15), agent.log()
+    assert "feature_names" in _errors(line, "bundle_refused")[0]["message"]
+    assert not (installed / key(b_bad)).exists(), "a refused install must not be kept"
+    line.publish("commands", {"command": "load_bundle", "path": str(b), "id": "good-b"})
+    assert line.wait_for(lambda: version(b) in _online_versions(line), 15), (agent.log(), line.errors)
+    assert probe()["model_version"] == version(b)
+
+    line.publish("commands", {"command": "load_bundle", "path": str(c_bad), "id": "bad-c"})
+    assert line.wait_for(lambda: len(_errors(line, "bundle_refused")) == 2, 15), agent.log()
+    assert agent.terminate() == 0
+    agent = agent_factory(cfg).start(line)
+    line.publish("commands", {"command": "load_bundle", "path": str(c), "id": "good-c"})
+    assert line.wait_for(lambda: _online_versions(line)[-1] == version(c), 15), (agent.log(), line.errors)
+    assert probe()["model_version"] == version(c)
+    assert agent.terminate() == 0
+    assert sorted(p.name for p in installed.iterdir() if p.is_dir()) == sorted([key(a), key(b), key(c)])
+
+
+def test_refused_sighup_bundle_is_not_applied_and_restart_falls_back(tmp_path, broker, line, agent_factory):
+    """Issue 12 item 6: a SIGHUP naming a refused bundle keeps the running configuration; a start with a
+    refused configured bundle serves the last activated one (reported on `errors`) instead of exiting 3."""
+    bs = BundleSet(tmp_path / "b")
+    a, b, bad = bs.signed("a", 0.1), bs.signed("b", 0.2), bs.tampered_file("t", 0.4)
+
+    class Info:
+        path = a
+
+    cfg = write_config(tmp_path, broker, Info, **{"bundle.allow_unsigned": False, "bundle.public_key": str(bs.pub)})
+    good = yaml.safe_load(cfg.read_text())
+    agent = agent_factory(cfg).start(line)
+    probe = Probe(line)
+    _adapt(line)
+    assert probe()["n_support"] == 5
+
+    # the refused reload also shrinks K: had the config been applied, the support set would shrink to 2
+    d = yaml.safe_load(cfg.read_text())
+    d["bundle"]["dir"] = str(bad)
+    d["adaptation"]["support_size"] = 2
+    cfg.write_text(yaml.safe_dump(d))
+    agent.proc.send_signal(signal.SIGHUP)
+    assert line.wait_for(lambda: _errors(line, "bundle_refused"), 15), agent.log()
+    e = _errors(line, "bundle_refused")[0]
+    assert e["topic"] == "config" and "keeping the running configuration" in e["message"]
+    _adapt(line, 1, prefix="more")
+    p = probe()
+    assert p["model_version"] == version(a) and p["n_support"] == 6, p
+
+    # restart with the refused bundle still configured: the last activated bundle serves, loudly
+    assert agent.terminate() == 0
+    mark = len(line.errors)
+    agent = agent_factory(cfg).start(line)
+    assert line.wait_for(lambda: any(e["reason"] == "bundle_refused" for e in line.errors[mark:]), 10), agent.log()
+    e = [e for e in line.errors[mark:] if e["reason"] == "bundle_refused"][0]
+    assert e["topic"] == "config" and "serving the last activated bundle" in e["message"] and str(bad) in e["message"]
+    p = probe()
+    assert p["model_version"] == version(a) and p["adapted"]
+    assert re.search(r"^<3>.*configured bundle .* refused", agent.log(), re.M)
+
+    # the operator fixes the config: SIGHUP activates it
+    good["bundle"]["dir"] = str(b)
+    cfg.write_text(yaml.safe_dump(good))
+    agent.proc.send_signal(signal.SIGHUP)
+    assert line.wait_for(lambda: _online_versions(line)[-1] == version(b), 15), agent.log()
+    assert probe()["model_version"] == version(b)
+    assert agent.terminate() == 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import StateError
-from edge_agent.state import LEGACY_SNAPSHOT, SNAPSHOT, SNAPSHOT_CHUNK, AgentState, Store
+from edge_agent.state import FORMAT, LEGACY_SNAPSHOT, SNAPSHOT, SNAPSHOT_CHUNK, AgentState, Store
 
 
 def _fresh():
@@ -129,7 +129,7 @@ def test_snapshot_of_format_1_is_still_read(tmp_path):
     assert st.unlabelled("2")[0] == "A" and st.unlabelled("2")[1].tolist() == [2.0, 3.0]
     assert list(st.outbox) == ["2"] and st.contexts["A"].n_labels == 1
     s.compact(st)
-    assert json.loads((tmp_path / SNAPSHOT).read_text().splitlines()[0])["state"]["format"] == 2
+    assert json.loads((tmp_path / SNAPSHOT).read_text().splitlines()[0])["state"]["format"] == FORMAT
     assert not (tmp_path / LEGACY_SNAPSHOT).exists()
     s.close()
     again = _fresh()
@@ -167,3 +167,37 @@ def test_ids_are_told_apart_by_digest():
         st.apply({"t": "s", "id": sid, "c": "A", "o": "{}"})
     assert len(st.recent) == len(ids) and all(st.seen(sid) for sid in ids)
     assert not st.seen("line-40000") and not st.seen("Line-1")
+
+
+def test_contexts_bounded_lru_and_replay_agrees(tmp_path):
+    """Issue 12 item 2: at most max_contexts contexts; the least recently used (by state records, never
+    the current one) is forgotten, in memory and in the snapshot; replaying the journal gives the same set."""
+    x = np.zeros(4, np.float32)
+
+    def records():
+        out = [{"t": "c", "c": "home"}]
+        for i in range(50):
+            out.append({"t": "l", "id": f"l{i}", "c": f"ctx-{i}", "x": x, "y": float(i)})
+            out.append({"t": "s", "id": f"s{i}", "c": "ctx-0", "x": x, "o": "{}"})  # in use: it stays
+        return out
+
+    live = AgentState(k=3, recent_limit=100, pending_limit=100, max_contexts=4)
+    store = Store(tmp_path)
+    store.load(live)
+    _apply_all(live, records())
+    store.append(records())
+    store.close()
+    assert sorted(live.contexts) == ["ctx-0", "ctx-48", "ctx-49", "home"]
+    assert live.current == "home" and live.contexts.evicted == 47
+
+    replayed = AgentState(k=3, recent_limit=100, pending_limit=100, max_contexts=4)
+    s2 = Store(tmp_path)
+    s2.load(replayed)
+    assert replayed.to_json() == live.to_json()
+    s2.compact(replayed)
+    s2.close()
+    snap = [json.loads(line) for line in (tmp_path / SNAPSHOT).read_text().splitlines()]
+    assert sorted(snap[0]["state"]["contexts"]) == ["ctx-0", "ctx-48", "ctx-49", "home"]
+    # a smaller bound after a reload applies at once; the current context survives it
+    replayed.set_limits(100, 100, 1, 10, 60.0)
+    assert list(replayed.contexts) == ["home"]
