@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import __version__
+from . import __version__, predictors
 from .config import Config
 from .errors import BrokerError, PayloadError
 from .lifecycle import ModelLifecycle
@@ -471,8 +471,9 @@ class Agent(ModelLifecycle):
         c = self.state.context(ctx)
         adapted = c.state is not None
         n_support = c.adapted_on if adapted else 0
+        source, state = predictors.of(self.model).choose(c.state, n_support, self.model.init_state)
         try:
-            y = self.model.predict(c.state if adapted else self.model.init_state, np.stack([p.sample.x for p in group]))
+            y = self.model.predict(state, np.stack([p.sample.x for p in group]))
         except Exception as e:  # noqa: BLE001 - a model failure is reported per sample, not fatal
             log.exception("prediction failed")
             for p in group:
@@ -481,7 +482,7 @@ class Agent(ModelLifecycle):
         t_done = time.monotonic()
         # Assembled by hand: json.dumps per prediction was the largest single cost at high rates.
         tail = (f',"model_version":{_jstr(self.model.version)},"context":{_jstr(ctx)},'
-                f'"adapted":{"true" if adapted else "false"},"n_support":{n_support},"latency_ms":')
+                f'"adapted":{"true" if adapted else "false"},"n_support":{n_support},"source":"{source}","latency_ms":')
         for p, yi in zip(group, y):
             s = p.sample
             payload = (f'{{"id":{_jstr(s.id)},"ts":{_jval(s.ts)},{self._format_prediction(yi)}'
