@@ -1,0 +1,154 @@
+"""Never worse than the best thing we know (issue 13 part 1), measured through the real agent.
+
+For a family: meta-train a run (or take --run), export it with its population model, start mosquitto and
+the edge agent on the bundle, play --tasks unseen test lines of --parts parts each through the agent
+(each line in its own context, inspection labels --label-delay parts later), and compare, per window
+of label count, the agent's error with the population model, the adapted meta-init and the bare
+meta-init on the same samples (edge_agent/simulate_many.py). Writes OUT/predictions_<family>.md/.json.
+
+    .venv/bin/python benchmarks/predictions.py --family quality --tasks 100 --parts 300 --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+
+
+def sh(*cmd) -> None:
+    print("$ " + " ".join(map(str, cmd)), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc, seconds: float = 10) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early ({proc.returncode})")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def dump_quality_tasks(out: Path, tasks: int, parts: int, config: Path) -> None:
+    from meta_train.config import from_dict
+    from meta_train.tasks.quality import QualityOptions, write_task_file
+
+    task = dict((yaml.safe_load(config.read_text()) or {}).get("task") or {})
+    task.pop("name", None)
+    opts = from_dict(QualityOptions, task, "task")
+    for i in range(tasks):
+        write_task_file(out / f"line{i:04d}.npz", parts, 100_000 + i, opts)  # test stream: never trained on
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="quality", choices=["quality"],
+                    help="only regression families have a population model so far")
+    ap.add_argument("--run", help="an existing run directory (default: train one with --config)")
+    ap.add_argument("--config", default="configs/quality.yaml")
+    ap.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    ap.add_argument("--tasks", type=int, default=100)
+    ap.add_argument("--parts", type=int, default=300)
+    ap.add_argument("--label-delay", type=int, default=5)
+    ap.add_argument("--support-size", type=int, default=10)
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
+    args = ap.parse_args()
+
+    from edge_agent.model import Model, load_manifest
+    from edge_agent.simulate_many import load_tasks, markdown, play_all, score_task, summarise
+    from edge_agent.simulator import LineClient
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="predictions-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    run = Path(args.run) if args.run else work / "run"
+    if not args.run:
+        extra = [f"train.iterations={args.iterations}"] if args.iterations else []
+        sh(BIN / "meta-train", "train", "--config", args.config, "--out", run, "train.progress=false", *extra)
+    bundle = work / "bundle"
+    sh(BIN / "meta-export", "--run", run, "--out", bundle)
+    tasks_dir = work / "tasks"
+    tasks_dir.mkdir(exist_ok=True)
+    dump_quality_tasks(tasks_dir, args.tasks, args.parts, REPO / args.config)
+
+    port = free_port()
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    (work / "mosquitto.conf").write_text(f"user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+                                         "persistence false\nmax_queued_messages 0\n")
+    broker = agent = None
+    try:
+        broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
+                                  stdout=open(work / "mosquitto.log", "w"), stderr=subprocess.STDOUT)
+        wait_port(port, broker)
+        prefix = "bench/predictions"
+        cfg = {"topic_prefix": prefix, "state_dir": str(work / "state"), "log_level": "warning",
+               "broker": {"host": "127.0.0.1", "port": port, "client_id": "bench-predictions"},
+               "bundle": {"dir": str(bundle), "allow_unsigned": True},
+               "adaptation": {"support_size": args.support_size, "adapt_every": 1, "min_labels": 1}}
+        (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
+        agent = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(work / "agent.yaml")],
+                                 stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT, cwd=REPO)
+        line = LineClient("127.0.0.1", port, prefix)
+        if not line.wait_for(lambda: any(s.get("status") == "online" for s in line.status), 30):
+            raise RuntimeError("agent did not come online: " + (work / "agent.log").read_text()[-2000:])
+        tasks = load_tasks(tasks_dir)
+        ids = play_all(line, tasks, f"b{uuid.uuid4().hex[:4]}", args.label_delay, timeout=60)
+        line.close()
+    finally:
+        for p in (agent, broker):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(20)
+    model = Model(str(bundle), load_manifest(str(bundle), None, allow_unsigned=True))
+    scored = [score_task(model, x, y, tid, line.predictions, args.label_delay, args.support_size)
+              for (name, x, y), tid in zip(tasks, ids)]
+    missing = sum(int(np.isnan(s["agent"]).sum()) for s in scored)
+    rows = summarise(scored)
+    curves = model.manifest["predictors"]["expected_error"]
+    title = (f"{args.family}: {args.tasks} unseen test lines x {args.parts} parts through the edge agent "
+             f"(support {args.support_size}, labels {args.label_delay} parts late); query MSE, mean ± 95 % CI over lines")
+    md = markdown(rows, title)
+    md += (f"\nPredictions missing: {missing}. Validation curves in the manifest ({curves['tasks']} val tasks): "
+           f"population {curves['population']:.4g}; adapted at K=0/1/2/5/10: "
+           + "/".join(f"{curves['adapted'][k]:.4g}" for k in (0, 1, 2, 5, 10) if k < len(curves["adapted"]))
+           + f". Wall time {time.time() - t0:.0f} s.\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"predictions_{args.family}.md").write_text(md)
+    (out / f"predictions_{args.family}.json").write_text(json.dumps({"rows": rows, "missing": missing,
+                                                                      "args": vars(args)}, indent=2, default=str))
+    print(md)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if missing == 0 and all(r["no_worse"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
