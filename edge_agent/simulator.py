@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .predictors import of as predictors_of
+
 BINS = [0, 1, 5, 10, 20, 50, 100, 200, 500, 1000]
 
 
@@ -166,18 +168,23 @@ def score(ids, x, y, predictions: dict, label_delay: int, bundle=None, scratch=N
     labels_before = np.maximum(0, np.arange(n) - label_delay)  # labels published before sample i
     agent = np.full(n, np.nan)
     adapted = np.zeros(n, bool)
+    sources = [""] * n
     for i, sid in enumerate(ids):
         got = predictions.get(sid)
         if got:
             p = got[0]
+            sources[i] = str(p.get("source", ""))
             if "class_index" in p:
                 agent[i] = float(p["class_index"] != int(y[i]))
             elif p.get("prediction") is not None:
                 agent[i] = (float(p["prediction"]) - y[i]) ** 2
             adapted[i] = bool(p.get("adapted"))
-    meta = scr = None
+    meta = scr = pop = None
     if bundle is not None:
         meta = _loss(bundle.predict(bundle.init_state, x), y)
+        preds = predictors_of(bundle)
+        if preds.has_population:
+            pop = _loss(bundle.predict(preds.population_state, x), y)
     if scratch is not None:
         kk = k or scratch.recommended_k
         scr = np.full(n, np.nan)
@@ -201,7 +208,9 @@ def score(ids, x, y, predictions: dict, label_delay: int, bundle=None, scratch=N
             "agent_mse": _nanmean(agent[sel]),
             "adapted_frac": float(adapted[sel].mean()),
             "meta_init_mse": None if meta is None else _nanmean(meta[sel]),
+            "population_mse": None if pop is None else _nanmean(pop[sel]),
             "scratch_mse": None if scr is None else _nanmean(scr[sel]),
+            "source": _dominant([sources[i] for i in np.flatnonzero(sel)]),
         })
     dups = sum(1 for sid in ids if len(predictions.get(sid, [])) > 1)
     return {
@@ -213,8 +222,22 @@ def score(ids, x, y, predictions: dict, label_delay: int, bundle=None, scratch=N
         "mse_agent_adapted": _nanmean(agent[adapted]),
         "mse_meta_init_reference": None if meta is None else _nanmean(meta[adapted]),
         "mse_scratch_reference": None if scr is None else _nanmean(scr[adapted]),
+        # The summary compares like with like: the agent's adapted predictions and the bare meta-init
+        # on the very same samples (comparing the agent's early, unadapted samples with its later
+        # adapted ones mixed how hard the samples were with what adaptation did).
+        "same_samples": {"n": int(adapted.sum()), "agent_adapted": _nanmean(agent[adapted]),
+                         "meta_init": None if meta is None else _nanmean(meta[adapted])},
         "bins": rows,
     }
+
+
+def _dominant(srcs: list[str]) -> str:
+    """'adapted 4/population 1': which predictors answered in a window (the agent's `source`)."""
+    counts: dict[str, int] = {}
+    for v in srcs:
+        if v:
+            counts[v] = counts.get(v, 0) + 1
+    return "/".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
 
 
 def _nanmean(a) -> float | None:
@@ -225,13 +248,15 @@ def _nanmean(a) -> float | None:
 
 def table(report: dict) -> str:
     f = lambda v: "      -" if v is None else f"{v:7.4f}"  # noqa: E731
-    lines = [f"{'labels':>10} {'n':>5} {'agent':>7} {'adapted':>7} {'meta':>7} {'scratch':>7}"]
+    lines = [f"{'labels':>10} {'n':>5} {'agent':>7} {'adapted':>7} {'meta':>7} {'pop':>7} {'scratch':>7}  source"]
     for r in report["bins"]:
         lines.append(f"{r['labels']:>10} {r['n']:5d} {f(r['agent_mse'])} {r['adapted_frac']:7.2f} "
-                     f"{f(r['meta_init_mse'])} {f(r['scratch_mse'])}")
+                     f"{f(r['meta_init_mse'])} {f(r.get('population_mse'))} {f(r['scratch_mse'])}  {r.get('source', '-')}")
+    same = report.get("same_samples") or {}
     lines.append(f"predicted {report['n_predicted']}/{report['n_samples']}, duplicates {report['duplicates']}; "
-                 f"MSE meta-init {f(report['mse_agent_meta_init']).strip()}, "
-                 f"adapted {f(report['mse_agent_adapted']).strip()}")
+                 f"on the {same.get('n', 0)} samples the agent predicted adapted: MSE adapted "
+                 f"{f(same.get('agent_adapted')).strip()}, bare meta-init {f(same.get('meta_init')).strip()} "
+                 "(same samples)")
     return "\n".join(lines)
 
 
@@ -247,8 +272,9 @@ def plot(report: dict, path: Path) -> bool:
     rows = report["bins"]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("agent_mse", "agent"), ("meta_init_mse", "meta-init"), ("scratch_mse", "scratch")):
-        ys = [r[key] for r in rows]
+    for key, label in (("agent_mse", "agent"), ("meta_init_mse", "meta-init"), ("population_mse", "population"),
+                       ("scratch_mse", "scratch")):
+        ys = [r.get(key) for r in rows]
         if any(v is not None for v in ys):
             ax.plot(xs, [np.nan if v is None else v for v in ys], marker="o", label=label)
     ax.set_xticks(list(xs), [r["labels"] for r in rows])
