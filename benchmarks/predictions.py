@@ -66,6 +66,44 @@ def dump_quality_tasks(out: Path, tasks: int, parts: int, config: Path) -> None:
         write_task_file(out / f"line{i:04d}.npz", parts, 100_000 + i, opts)  # test stream: never trained on
 
 
+def through_agent(work: Path, bundle: Path, tasks, coverage: float, args):
+    """Broker + agent (predictions.coverage = coverage), every task played through them; (ids, predictions)."""
+    from edge_agent.simulate_many import play_all
+    from edge_agent.simulator import LineClient
+
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    (work / "mosquitto.conf").write_text(f"user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+                                         "persistence false\nmax_queued_messages 0\n")
+    broker = agent = line = None
+    try:
+        broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
+                                  stdout=open(work / "mosquitto.log", "w"), stderr=subprocess.STDOUT)
+        wait_port(port, broker)
+        prefix = "bench/predictions"
+        cfg = {"topic_prefix": prefix, "state_dir": str(work / "state"), "log_level": "warning",
+               "broker": {"host": "127.0.0.1", "port": port, "client_id": "bench-predictions"},
+               "bundle": {"dir": str(bundle), "allow_unsigned": True},
+               "adaptation": {"support_size": args.support_size, "adapt_every": 1, "min_labels": 1},
+               "predictions": {"coverage": coverage}}
+        (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
+        agent = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(work / "agent.yaml")],
+                                 stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT, cwd=REPO)
+        line = LineClient("127.0.0.1", port, prefix)
+        if not line.wait_for(lambda: any(s.get("status") == "online" for s in line.status), 30):
+            raise RuntimeError("agent did not come online: " + (work / "agent.log").read_text()[-2000:])
+        ids = play_all(line, tasks, f"b{uuid.uuid4().hex[:4]}", args.label_delay, timeout=60)
+        return ids, line.predictions
+    finally:
+        if line is not None:
+            line.close()
+        for p in (agent, broker):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(20)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="quality", choices=["quality"],
@@ -78,76 +116,60 @@ def main() -> int:
     ap.add_argument("--label-delay", type=int, default=5)
     ap.add_argument("--support-size", type=int, default=10)
     ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--bundle", help="an existing bundle (skips training and export)")
+    ap.add_argument("--coverages", type=lambda v: [float(c) for c in v.split(",")], default=[0.9, 0.8],
+                    help="predictions.coverage values to run the agent with, one pass each (default 0.9,0.8)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     args = ap.parse_args()
 
     from edge_agent.model import Model, load_manifest
-    from edge_agent.simulate_many import load_tasks, markdown, play_all, score_task, summarise
-    from edge_agent.simulator import LineClient
+    from edge_agent.simulate_many import interval_markdown, load_tasks, markdown, score_task, summarise
 
     work = Path(args.work or tempfile.mkdtemp(prefix="predictions-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     run = Path(args.run) if args.run else work / "run"
-    if not args.run:
+    if not args.run and not args.bundle:
         extra = [f"train.iterations={args.iterations}"] if args.iterations else []
         sh(BIN / "meta-train", "train", "--config", args.config, "--out", run, "train.progress=false", *extra)
-    bundle = work / "bundle"
-    sh(BIN / "meta-export", "--run", run, "--out", bundle)
+    bundle = Path(args.bundle) if args.bundle else work / "bundle"
+    if not args.bundle:
+        sh(BIN / "meta-export", "--run", run, "--out", bundle)
     tasks_dir = work / "tasks"
     tasks_dir.mkdir(exist_ok=True)
     dump_quality_tasks(tasks_dir, args.tasks, args.parts, REPO / args.config)
 
-    port = free_port()
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    (work / "mosquitto.conf").write_text(f"user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
-                                         "persistence false\nmax_queued_messages 0\n")
-    broker = agent = None
-    try:
-        broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
-                                  stdout=open(work / "mosquitto.log", "w"), stderr=subprocess.STDOUT)
-        wait_port(port, broker)
-        prefix = "bench/predictions"
-        cfg = {"topic_prefix": prefix, "state_dir": str(work / "state"), "log_level": "warning",
-               "broker": {"host": "127.0.0.1", "port": port, "client_id": "bench-predictions"},
-               "bundle": {"dir": str(bundle), "allow_unsigned": True},
-               "adaptation": {"support_size": args.support_size, "adapt_every": 1, "min_labels": 1}}
-        (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
-        agent = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(work / "agent.yaml")],
-                                 stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT, cwd=REPO)
-        line = LineClient("127.0.0.1", port, prefix)
-        if not line.wait_for(lambda: any(s.get("status") == "online" for s in line.status), 30):
-            raise RuntimeError("agent did not come online: " + (work / "agent.log").read_text()[-2000:])
-        tasks = load_tasks(tasks_dir)
-        ids = play_all(line, tasks, f"b{uuid.uuid4().hex[:4]}", args.label_delay, timeout=60)
-        line.close()
-    finally:
-        for p in (agent, broker):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                p.wait(20)
+    tasks = load_tasks(tasks_dir)
+    runs = {c: through_agent(work / f"cov{c}", bundle, tasks, c, args) for c in args.coverages}
     model = Model(str(bundle), load_manifest(str(bundle), None, allow_unsigned=True))
-    scored = [score_task(model, x, y, tid, line.predictions, args.label_delay, args.support_size)
-              for (name, x, y), tid in zip(tasks, ids)]
-    missing = sum(int(np.isnan(s["agent"]).sum()) for s in scored)
-    rows = summarise(scored)
+    md, result, ok = "", {"args": vars(args), "coverages": {}}, True
+    for c, (ids, predictions) in runs.items():
+        scored = [score_task(model, x, y, tid, predictions, args.label_delay, args.support_size)
+                  for (name, x, y), tid in zip(tasks, ids)]
+        missing = sum(int(np.isnan(s["agent"]).sum()) for s in scored)
+        rows = summarise(scored)
+        result["coverages"][str(c)] = {"rows": rows, "missing": missing}
+        ok = ok and missing == 0 and all(r["no_worse"] for r in rows)
+        what = (f"{args.tasks} unseen test lines x {args.parts} parts through the edge agent (support "
+                f"{args.support_size}, labels {args.label_delay} parts late, predictions.coverage {c})")
+        if c == args.coverages[0]:
+            md += markdown(rows, f"### {args.family}: errors, {what}; query MSE, mean ± 95 % CI over lines") + "\n"
+            md += f"Predictions missing: {missing}.\n\n"
+        md += interval_markdown(rows, c, f"### {args.family}: intervals at {c:.0%}, {what}; coverage mean ± "
+                                         "95 % CI over lines") + f"\nPredictions missing: {missing}.\n\n"
     curves = model.manifest["predictors"]["expected_error"]
-    title = (f"{args.family}: {args.tasks} unseen test lines x {args.parts} parts through the edge agent "
-             f"(support {args.support_size}, labels {args.label_delay} parts late); query MSE, mean ± 95 % CI over lines")
-    md = markdown(rows, title)
-    md += (f"\nPredictions missing: {missing}. Validation curves in the manifest ({curves['tasks']} val tasks): "
-           f"population {curves['population']:.4g}; adapted at K=0/1/2/5/10: "
+    md += (f"Validation curves in the manifest ({curves['tasks']} val tasks): population MSE "
+           f"{curves['population']:.4g}; adapted at K=0/1/2/5/10: "
            + "/".join(f"{curves['adapted'][k]:.4g}" for k in (0, 1, 2, 5, 10) if k < len(curves["adapted"]))
            + f". Wall time {time.time() - t0:.0f} s.\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"predictions_{args.family}.md").write_text(md)
-    (out / f"predictions_{args.family}.json").write_text(json.dumps({"rows": rows, "missing": missing,
-                                                                      "args": vars(args)}, indent=2, default=str))
+    (out / f"predictions_{args.family}.json").write_text(json.dumps(result, indent=2, default=str))
     print(md)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if missing == 0 and all(r["no_worse"] for r in rows) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .lifecycle import ModelLifecycle
 from .model import Model
 from .sdnotify import watchdog_interval
 from .observer import Observer, Observers
+from .prediction_extras import Extras
 from .protocol import Sample, Schema, decode, label_value, parse_context, parse_label, parse_sample, peek_id
 from .state import AgentState, Store
 from .transport import MqttTransport
@@ -116,6 +117,7 @@ class Agent(ModelLifecycle):
         self._unsent: collections.deque[tuple[str, str, bool]] = collections.deque()
         self._dirty: set[str] = set()  # contexts with labels not yet adapted on
         self._err_budget = (0.0, 0)
+        self.extras = Extras(cfg.predictions, lim.pending_samples)  # intervals (prediction_extras.py)
         self.transport = transport_cls(cfg, self._on_message, self._online_payload, self._offline_payload, self.obs)
         self.transport.on_published = self._on_published
 
@@ -436,6 +438,7 @@ class Agent(ModelLifecycle):
 
     def _join(self, sid: str, ctx: str, x: np.ndarray, y, records: list[dict]) -> None:
         self._record({"t": "l", "id": sid, "c": ctx, "x": x, "y": y}, records)
+        self.extras.observe(sid, y)  # an honest residual: its prediction was made before this label
         self._dirty.add(ctx)
         self.obs.on_label(ctx)
 
@@ -486,6 +489,7 @@ class Agent(ModelLifecycle):
         for p, yi in zip(group, y):
             s = p.sample
             payload = (f'{{"id":{_jstr(s.id)},"ts":{_jval(s.ts)},{self._format_prediction(yi)}'
+                       f'{self.extras.fields(self.model, ctx, s.id, source, n_support, yi)}'
                        f'{tail}{round((t_done - p.t_recv) * 1e3, 3)}}}')
             r = {"t": "s", "id": s.id, "c": ctx, "o": payload}
             if p.y is None:

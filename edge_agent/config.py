@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from .errors import ConfigError
+from .prediction_config import Predictions, check as _check_predictions
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Config:
     adaptation: Adaptation = field(default_factory=Adaptation)
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
+    predictions: Predictions = field(default_factory=Predictions)  # prediction_config.py (issue 13)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     path: Optional[str] = None  # where it was loaded from; not a YAML key
 
@@ -220,6 +222,7 @@ def _check(cfg: Config) -> None:
     need(lim.batch_size >= 1, "limits.batch_size", "must be >= 1")
     need(lim.resend_predictions >= 0, "limits.resend_predictions", "must be >= 0")
     need(1 <= cfg.metrics.port <= 65535, "metrics.port", "must be 1..65535")
+    _check_predictions(cfg.predictions, need)
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:

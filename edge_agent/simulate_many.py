@@ -68,12 +68,17 @@ def score_task(model, x, y, ids, predictions: dict, label_delay: int, k: int) ->
     n = len(ids)
     m = np.maximum(0, np.arange(n) - label_delay)
     agent = np.full(n, np.nan)
+    covered, width = np.full(n, np.nan), np.full(n, np.nan)  # the agent's interval, where it gave one
     sources = np.array([""] * n, dtype=object)
     for i, sid in enumerate(ids):
         got = predictions.get(sid)
         if got:
             p = got[0]
             sources[i] = p.get("source", "")
+            iv = p.get("interval")
+            if iv and None not in iv:
+                covered[i] = float(iv[0] <= float(y[i]) <= iv[1])
+                width[i] = float(iv[1] - iv[0])
             if "class_index" in p:
                 agent[i] = float(p["class_index"] != int(y[i]))
             elif p.get("prediction") is not None:
@@ -88,7 +93,8 @@ def score_task(model, x, y, ids, predictions: dict, label_delay: int, k: int) ->
             lo = max(0, m[i] - k)
             state = model.adapt(x[lo:m[i]], y[lo:m[i]])
             adapted[i] = _errors(model, model.predict(state, x[i:i + 1]), y[i:i + 1])[0]
-    return {"m": m, "agent": agent, "source": sources, "meta_init": meta, "population": pop, "adapted": adapted}
+    return {"m": m, "agent": agent, "source": sources, "meta_init": meta, "population": pop, "adapted": adapted,
+            "covered": covered, "width": width}
 
 
 def _mean_ci(v) -> tuple[float | None, float | None]:
@@ -102,7 +108,7 @@ def _mean_ci(v) -> tuple[float | None, float | None]:
 def summarise(scored: list[dict]) -> list[dict]:
     rows = []
     for lo, hi in WINDOWS:
-        per_task = {key: [] for key in ("agent", "population", "adapted", "meta_init")}
+        per_task = {key: [] for key in ("agent", "population", "adapted", "meta_init", "covered", "width")}
         src_counts: dict[str, int] = {}
         n_samples = 0
         for s in scored:
@@ -111,8 +117,9 @@ def summarise(scored: list[dict]) -> list[dict]:
                 continue
             n_samples += int(sel.sum())
             for key in per_task:
-                v = s[key]
-                per_task[key].append(None if v is None else float(np.nanmean(v[sel])))
+                v = s.get(key)
+                ok = v is not None and np.isfinite(v[sel]).any()
+                per_task[key].append(float(np.nanmean(v[sel])) if ok else None)
             for src in s["source"][sel]:
                 src_counts[src] = src_counts.get(src, 0) + 1
         if not n_samples:
@@ -153,4 +160,15 @@ def markdown(rows: list[dict], title: str, metric: str = "MSE") -> str:
                      f"{f(r['meta_init'], r['meta_init_ci95'])} | "
                      f"{f(r['agent_minus_best'], r['agent_minus_best_ci95'])} ({r['best_reference']}) | "
                      f"{'yes' if r['no_worse'] else '**no**'} | {src} |")
+    return "\n".join(lines) + "\n"
+
+
+def interval_markdown(rows: list[dict], coverage: float, title: str) -> str:
+    lines = [title, "", f"| labels | tasks | samples | coverage (nominal {coverage:.0%}) | mean width |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("covered") is None:
+            continue
+        lines.append(f"| {r['labels']} | {r['tasks']} | {r['samples']} | {100 * r['covered']:.1f} ± "
+                     f"{100 * r['covered_ci95']:.1f} % | {r['width']:.4g} |")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ graph, the same output units, by construction.
   - the shipped initialisation adapted by the shipped inner loop on K labels, K = 0..max_support
     (K = 0: the bare initialisation),
 on the same tasks and the same query samples, so the device's choice between them compares like with like.
+With them, the quantiles of each predictor's absolute residual per K: the device's prediction intervals
+before a line has its own evidence (docs/bundle.md, "predictors").
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from .errors import ExportError
 
 VAL_TASKS = 200
 VAL_QUERY = 50
+# Levels of the |residual| quantiles shipped per K: the device's intervals read any coverage off them
+# (edge_agent/intervals.py interpolates; adaptive conformal inference moves along them).
+QUANTILE_LEVELS = tuple(round(0.02 * i, 2) for i in range(1, 50)) + (0.99, 0.995, 0.999)
 SEED_OFFSET = 104729  # the same seed offset meta_train.evaluate uses: the pooled model evaluation reported
 
 
@@ -77,26 +82,34 @@ def expected_errors(fns, population_state: torch.Tensor | None, source, max_supp
     batch = source.sample("val", tasks, max_support, query, gen)
     qx, qy = batch.query_x, batch.query_y
 
-    def err(states: torch.Tensor) -> torch.Tensor:  # [T, P] -> per-task query MSE [T]
+    levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64)
+
+    def err(states: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """[T, P] states -> per-task query MSE [T], and quantiles of |residual| over all query samples."""
         out = vmap(fns.predict)(states, qx)
-        return vmap(lambda o, y: loss_value(o, y, "mse"))(out, qy)
+        res = (out - qy).abs().reshape(-1).double()
+        return vmap(lambda o, y: loss_value(o, y, "mse"))(out, qy), [round(float(v), 6) for v in torch.quantile(res, levels)]
 
     init = fns.init_state().expand(tasks, -1)
-    adapted_mean, adapted_ci = [], []
+    adapted_mean, adapted_ci, adapted_q = [], [], []
     for k in range(0, max_support + 1):
         if k == 0:
             states = init
         else:
             sx, sy = batch.support_x[:, :k], batch.support_y[:, :k]
             states = vmap(fns.adapt)(sx, sy, torch.ones(tasks, k))
-        m, c = _mean_ci(err(states))
+        per_task, q = err(states)
+        m, c = _mean_ci(per_task)
         adapted_mean.append(m)
         adapted_ci.append(c)
+        adapted_q.append(q)
     result = {"metric": "mse", "split": "val", "tasks": tasks, "query": query,
-              "k": list(range(max_support + 1)), "adapted": adapted_mean, "adapted_ci95": adapted_ci}
+              "k": list(range(max_support + 1)), "adapted": adapted_mean, "adapted_ci95": adapted_ci,
+              "abs_residual_quantiles": {"levels": list(QUANTILE_LEVELS), "adapted": adapted_q}}
     if population_state is not None:
-        m, c = _mean_ci(err(population_state.expand(tasks, -1)))
-        result["population"], result["population_ci95"] = m, c
+        per_task, q = err(population_state.expand(tasks, -1))
+        result["population"], result["population_ci95"] = _mean_ci(per_task)
+        result["abs_residual_quantiles"]["population"] = q
     bad = [v for v in adapted_mean + [result.get("population", 0.0)] if not math.isfinite(v)]
     if bad:
         raise ExportError("a predictor's validation error is not finite (the inner loop diverges on validation "

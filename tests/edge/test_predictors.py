@@ -24,16 +24,23 @@ def _curves(bundle_dir, fam: LinearFamily, pop_state, max_support: int, tasks: i
     m = Model(str(bundle_dir), json.loads((bundle_dir / "manifest.json").read_text()))
     adapted = np.zeros((tasks, max_support + 1))
     pop = np.zeros(tasks)
+    res_a, res_p = [[] for _ in range(max_support + 1)], []
     for t in range(tasks):
         theta = fam.sample_task(10_000 + t)
         sx, sy = fam.sample(theta, max_support, seed=20_000 + t)
         qx, qy = fam.sample(theta, 50, seed=30_000 + t)
-        pop[t] = np.mean((m.predict(pop_state, qx) - qy) ** 2)
+        r = m.predict(pop_state, qx) - qy
+        pop[t], _ = np.mean(r ** 2), res_p.extend(np.abs(r))
         for k in range(max_support + 1):
             state = m.init_state if k == 0 else m.adapt(sx[:k], sy[:k])
-            adapted[t, k] = np.mean((m.predict(state, qx) - qy) ** 2)
+            r = m.predict(state, qx) - qy
+            adapted[t, k] = np.mean(r ** 2)
+            res_a[k].extend(np.abs(r))
+    levels = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999]
+    quantiles = {"levels": levels, "population": np.quantile(res_p, levels).tolist(),
+                 "adapted": [np.quantile(r, levels).tolist() for r in res_a]}
     return {"metric": "mse", "split": "val", "tasks": tasks, "k": list(range(max_support + 1)),
-            "population": float(pop.mean()), "adapted": adapted.mean(0).tolist()}
+            "population": float(pop.mean()), "adapted": adapted.mean(0).tolist(), "abs_residual_quantiles": quantiles}
 
 
 def add_population(bundle_dir, pop_state: np.ndarray, curves: dict) -> None:
@@ -101,7 +108,11 @@ def test_bundle_population_model_is_loaded_and_chosen_by_k(pop_bundle):
 
 
 def test_older_bundle_without_predictors_loads_as_before(tmp_path):
+    from edge_agent.prediction_config import Predictions
+    from edge_agent.prediction_extras import Extras
+
     m = _load(make_linear_bundle(tmp_path / "old", LinearFamily()))
+    assert Extras(Predictions(), 10).fields(m, "c", "s1", "meta_init", 0, 1.0) == ""  # no interval fields
     assert not m.predictors.has_population
     state = np.ones(5, np.float32)
     assert m.predictors.choose(None, 0, m.init_state) == ("meta_init", m.init_state)
@@ -157,4 +168,9 @@ def test_agent_says_which_predictor_answered(tmp_path, broker, line, agent_facto
                                rtol=1e-5, atol=1e-5)
     last = line.predictions[ids[-1]][0]
     assert last["source"] == "adapted" and last["adapted"] is True
+    # every prediction carries its 90 % interval around the value; narrower once adapted
+    for p in (first[0], last):
+        lo, hi = p["interval"]
+        assert p["coverage"] == 0.9 and lo < p["prediction"] < hi
+    assert np.diff(last["interval"])[0] < np.diff(first[0]["interval"])[0]
     assert agent.terminate() == 0
