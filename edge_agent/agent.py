@@ -409,6 +409,8 @@ class Agent(ModelLifecycle):
             self._unsent.append((sid, payload, False))
             self.obs.on_prediction(now - t_recv, adapted, n_support)
         self._publish_unsent()
+        for payload in self.extras.take_alarms():  # after the commit, like the predictions they concern
+            self.transport.publish(self.cfg.topic("alarms"), payload, qos=1)
         for payload in resend:
             self.transport.publish(self.cfg.topic("predictions"), payload, qos=1, resent=True)
         for topic_kind, e in errors:

@@ -66,6 +66,22 @@ class Quantiles:
         return float(row[-1] + max(slope, 0.0) * (t - self._tail[-1]))
 
 
+    def exceed(self, source: str, k: int, d: float) -> float:
+        """P(|residual| > d): the inverse of half_width, with the same tails."""
+        row = self.population if source == "population" and self.population is not None else \
+            self.adapted[min(max(int(k), 0), len(self.adapted) - 1)]
+        if d <= 0:
+            return 1.0
+        if d <= row[0]:
+            return float(1.0 - self.levels[0] * d / row[0]) if row[0] > 0 else 1.0 - float(self.levels[0])
+        if d <= row[-1]:
+            return float(1.0 - np.interp(d, row, self.levels))
+        slope = (row[-1] - row[-2]) / (self._tail[-1] - self._tail[-2])
+        if slope <= 0:
+            return 0.0
+        return float(math.exp(-(self._tail[-1] + (d - row[-1]) / slope)))
+
+
 class Intervals:
     """Per-context adaptive conformal inference over the manifest's quantiles."""
 
@@ -102,6 +118,29 @@ class Intervals:
         if len(self._pending) > self.max_pending:
             self._pending.popitem(last=False)
         return lo, hi
+
+    def p_outside(self, model, ctx: str, source: str, k: int, y_hat: float, lower, upper) -> float | None:
+        """P(measured value < lower or > upper) for this prediction: the residual's distribution from
+        the manifest (taken symmetric about the prediction), widened or narrowed by the context's
+        adaptive-conformal correction (the ratio of its current half-width to the nominal one)."""
+        q = self._quantiles(model)
+        if q is None or not math.isfinite(y_hat):
+            return None
+        nominal = q.half_width(source, k, self.coverage)
+        scale = q.half_width(source, k, 1.0 - self.alpha(ctx)) / nominal if nominal > 0 else 1.0
+        scale = max(scale, 1e-6)
+
+        def tail(limit_distance: float) -> float:  # P(y beyond a limit at this signed distance from y_hat)
+            if limit_distance >= 0:
+                return 0.5 * q.exceed(source, k, limit_distance / scale)
+            return 1.0 - 0.5 * q.exceed(source, k, -limit_distance / scale)
+
+        p = 0.0
+        if upper is not None:
+            p += tail(upper - y_hat)
+        if lower is not None:
+            p += tail(y_hat - lower)
+        return min(max(p, 0.0), 1.0)
 
     def observe(self, sid: str, y: float) -> bool | None:
         """A label arrived: did its (honest) interval hold? Updates the context's level. None: no

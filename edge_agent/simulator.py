@@ -54,6 +54,7 @@ class LineClient:
         self.predictions: dict[str, list[dict]] = {}
         self.errors: list[dict] = []
         self.status: list[dict] = []
+        self.alarms: list[dict] = []
         self._cv = threading.Condition()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"sim-{uuid.uuid4().hex[:8]}",
                              protocol=mqtt.MQTTv5)
@@ -73,7 +74,7 @@ class LineClient:
             raise RuntimeError(f"simulator could not subscribe on {host}:{port}")
 
     def _on_connect(self, client, userdata, flags, rc, props):
-        client.subscribe([(f"{self.prefix}/{t}", 1) for t in ("predictions", "errors", "status")])
+        client.subscribe([(f"{self.prefix}/{t}", 1) for t in ("predictions", "errors", "status", "alarms")])
 
     def _on_message(self, client, userdata, msg):
         try:
@@ -81,12 +82,15 @@ class LineClient:
         except ValueError:
             return
         d["_t"] = time.monotonic()
+        d["_qos"] = msg.qos
         kind = msg.topic.rsplit("/", 1)[1]
         with self._cv:
             if kind == "predictions":
                 self.predictions.setdefault(str(d.get("id")), []).append(d)
             elif kind == "errors":
                 self.errors.append(d)
+            elif kind == "alarms":
+                self.alarms.append(d)
             else:
                 self.status.append(d)
             self._cv.notify_all()

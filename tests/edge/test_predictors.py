@@ -174,3 +174,40 @@ def test_agent_says_which_predictor_answered(tmp_path, broker, line, agent_facto
         assert p["coverage"] == 0.9 and lo < p["prediction"] < hi
     assert np.diff(last["interval"])[0] < np.diff(first[0]["interval"])[0]
     assert agent.terminate() == 0
+
+
+def test_out_of_spec_probability_and_alarms_on_their_own_topic(tmp_path, broker, line, agent_factory, pop_bundle):
+    """Real agent, real mosquitto: p_out_of_spec on every prediction; an alarm (QoS 1, sample id,
+    evidence) exactly for the predictions at or above the threshold."""
+    d, fam = pop_bundle
+
+    class Info:
+        path = d
+
+    x, y = fam.sample(fam.sample_task(777), 80, seed=9)
+    upper = float(np.quantile(y, 0.7))  # about 30 % of this line's parts are out of spec
+    cfg = write_config(tmp_path, broker, Info, **{"adaptation.min_labels": 1,
+                                                  "predictions.spec": {"upper": upper},
+                                                  "predictions.alarm_threshold": 0.5})
+    agent = agent_factory(cfg).start(line)
+    ids = play(line, x, y, "spec", rate=500, label_delay=5)
+    assert line.wait_predictions(ids, 30), agent.log()
+    preds = {i: line.predictions[i][0] for i in ids}
+    flagged = {i for i, p in preds.items() if p["p_out_of_spec"] >= 0.5}
+    assert flagged and len(flagged) < len(ids)
+    assert line.wait_for(lambda: len(line.alarms) >= len(flagged), 10), (len(line.alarms), len(flagged))
+    time.sleep(0.2)
+    assert {a["id"] for a in line.alarms} == flagged and len(line.alarms) == len(flagged)
+    a = line.alarms[0]
+    p = preds[a["id"]]
+    assert a["_qos"] == 1 and a["spec"] == {"lower": None, "upper": upper} and a["threshold"] == 0.5
+    assert a["evidence"]["prediction"] == pytest.approx(p["prediction"], abs=1e-5)
+    assert a["evidence"]["interval"] == pytest.approx(p["interval"], abs=1e-5)
+    assert a["evidence"]["source"] == p["source"] and a["p_out_of_spec"] == pytest.approx(p["p_out_of_spec"], abs=1e-6)
+    # the probability follows the prediction: above the limit -> over 1/2, well below it -> small
+    for p in preds.values():
+        if p["prediction"] > upper:
+            assert p["p_out_of_spec"] > 0.5
+        if p["interval"][1] < upper:
+            assert p["p_out_of_spec"] < 0.5 * (1 - p["coverage"]) + 0.02
+    assert agent.terminate() == 0
