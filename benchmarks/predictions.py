@@ -86,7 +86,8 @@ def through_agent(work: Path, bundle: Path, tasks, coverage: float, args):
                "broker": {"host": "127.0.0.1", "port": port, "client_id": "bench-predictions"},
                "bundle": {"dir": str(bundle), "allow_unsigned": True},
                "adaptation": {"support_size": args.support_size, "adapt_every": 1, "min_labels": 1},
-               "predictions": {"coverage": coverage}}
+               "predictions": {"coverage": coverage, "spec": {"lower": args.spec_lower},
+                               "alarm_threshold": args.alarm_threshold}}
         (work / "agent.yaml").write_text(yaml.safe_dump(cfg))
         agent = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(work / "agent.yaml")],
                                  stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT, cwd=REPO)
@@ -94,7 +95,8 @@ def through_agent(work: Path, bundle: Path, tasks, coverage: float, args):
         if not line.wait_for(lambda: any(s.get("status") == "online" for s in line.status), 30):
             raise RuntimeError("agent did not come online: " + (work / "agent.log").read_text()[-2000:])
         ids = play_all(line, tasks, f"b{uuid.uuid4().hex[:4]}", args.label_delay, timeout=60)
-        return ids, line.predictions
+        line.wait_for(lambda: False, 1.0)  # the last alarms follow their predictions
+        return ids, line.predictions, {a.get("id") for a in line.alarms}
     finally:
         if line is not None:
             line.close()
@@ -119,11 +121,15 @@ def main() -> int:
     ap.add_argument("--bundle", help="an existing bundle (skips training and export)")
     ap.add_argument("--coverages", type=lambda v: [float(c) for c in v.split(",")], default=[0.9, 0.8],
                     help="predictions.coverage values to run the agent with, one pass each (default 0.9,0.8)")
+    ap.add_argument("--spec-lower", type=float, default=2.0,
+                    help="lower spec limit of the quality (about 9 %% of parts on unseen lines fall below 2.0)")
+    ap.add_argument("--alarm-threshold", type=float, default=0.2, help="predictions.alarm_threshold of the agent")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     args = ap.parse_args()
 
     from edge_agent.model import Model, load_manifest
-    from edge_agent.simulate_many import interval_markdown, load_tasks, markdown, score_task, summarise
+    from edge_agent.simulate_many import (alarm_markdown, alarm_rows, interval_markdown, load_tasks, markdown,
+                                          score_task, summarise)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="predictions-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -143,7 +149,7 @@ def main() -> int:
     runs = {c: through_agent(work / f"cov{c}", bundle, tasks, c, args) for c in args.coverages}
     model = Model(str(bundle), load_manifest(str(bundle), None, allow_unsigned=True))
     md, result, ok = "", {"args": vars(args), "coverages": {}}, True
-    for c, (ids, predictions) in runs.items():
+    for c, (ids, predictions, alarmed) in runs.items():
         scored = [score_task(model, x, y, tid, predictions, args.label_delay, args.support_size)
                   for (name, x, y), tid in zip(tasks, ids)]
         missing = sum(int(np.isnan(s["agent"]).sum()) for s in scored)
@@ -157,6 +163,11 @@ def main() -> int:
             md += f"Predictions missing: {missing}.\n\n"
         md += interval_markdown(rows, c, f"### {args.family}: intervals at {c:.0%}, {what}; coverage mean ± "
                                          "95 % CI over lines") + f"\nPredictions missing: {missing}.\n\n"
+        if c == args.coverages[0]:
+            arows = alarm_rows(scored, alarmed, args.spec_lower, None, thresholds=(0.5,))
+            result["alarms"] = arows
+            md += alarm_markdown(arows, f"### {args.family}: scrap detection (spec: quality >= {args.spec_lower}), {what}",
+                                 args.alarm_threshold, (0.5,)) + "\n"
     curves = model.manifest["predictors"]["expected_error"]
     md += (f"Validation curves in the manifest ({curves['tasks']} val tasks): population MSE "
            f"{curves['population']:.4g}; adapted at K=0/1/2/5/10: "

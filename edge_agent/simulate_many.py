@@ -69,12 +69,17 @@ def score_task(model, x, y, ids, predictions: dict, label_delay: int, k: int) ->
     m = np.maximum(0, np.arange(n) - label_delay)
     agent = np.full(n, np.nan)
     covered, width = np.full(n, np.nan), np.full(n, np.nan)  # the agent's interval, where it gave one
+    p_out, y_hat = np.full(n, np.nan), np.full(n, np.nan)
     sources = np.array([""] * n, dtype=object)
     for i, sid in enumerate(ids):
         got = predictions.get(sid)
         if got:
             p = got[0]
             sources[i] = p.get("source", "")
+            if p.get("p_out_of_spec") is not None:
+                p_out[i] = float(p["p_out_of_spec"])
+            if isinstance(p.get("prediction"), (int, float)):
+                y_hat[i] = float(p["prediction"])
             iv = p.get("interval")
             if iv and None not in iv:
                 covered[i] = float(iv[0] <= float(y[i]) <= iv[1])
@@ -94,7 +99,8 @@ def score_task(model, x, y, ids, predictions: dict, label_delay: int, k: int) ->
             state = model.adapt(x[lo:m[i]], y[lo:m[i]])
             adapted[i] = _errors(model, model.predict(state, x[i:i + 1]), y[i:i + 1])[0]
     return {"m": m, "agent": agent, "source": sources, "meta_init": meta, "population": pop, "adapted": adapted,
-            "covered": covered, "width": width}
+            "covered": covered, "width": width, "p_out": p_out, "y_hat": y_hat, "y": np.asarray(y, float),
+            "ids": list(ids)}
 
 
 def _mean_ci(v) -> tuple[float | None, float | None]:
@@ -172,3 +178,59 @@ def interval_markdown(rows: list[dict], coverage: float, title: str) -> str:
         lines.append(f"| {r['labels']} | {r['tasks']} | {r['samples']} | {100 * r['covered']:.1f} ± "
                      f"{100 * r['covered_ci95']:.1f} % | {r['width']:.4g} |")
     return "\n".join(lines) + "\n"
+
+
+ALARM_WINDOWS = [(0, 0), (5, 9), (20, 49)]
+
+
+def _pr(flag: np.ndarray, truth: np.ndarray) -> dict:
+    tp = int((flag & truth).sum())
+    return {"alarms": int(flag.sum()), "tp": tp,
+            "precision": tp / int(flag.sum()) if flag.any() else None,
+            "recall": tp / int(truth.sum()) if truth.any() else None}
+
+
+def alarm_rows(scored: list[dict], alarmed_ids: set, lower, upper, thresholds=(0.5,)) -> list[dict]:
+    """Scrap detection per window: the agent's alarms (what arrived on the alarms topic), p_out_of_spec
+    at other thresholds, and the naive rule 'the point prediction is out of spec', against the truth."""
+    rows = []
+    for lo, hi in ALARM_WINDOWS:
+        sel = [(s["m"] >= lo) & (s["m"] <= hi) for s in scored]
+        y = np.concatenate([s["y"][m] for s, m in zip(scored, sel)])
+        yh = np.concatenate([s["y_hat"][m] for s, m in zip(scored, sel)])
+        p = np.concatenate([s["p_out"][m] for s, m in zip(scored, sel)])
+        ids = [i for s, m in zip(scored, sel) for i, keep in zip(s["ids"], m) if keep]
+        if not len(y):
+            continue
+
+        def out(v):
+            o = np.zeros(len(v), bool)
+            if lower is not None:
+                o |= v < lower
+            if upper is not None:
+                o |= v > upper
+            return o
+
+        truth = out(y)
+        row = {"labels": window_label(lo, hi), "parts": len(y), "scrap": int(truth.sum()),
+               "alarm_topic": _pr(np.array([i in alarmed_ids for i in ids]), truth),
+               "naive": _pr(out(yh), truth)}
+        for t in thresholds:
+            row[f"p>={t}"] = _pr(np.nan_to_num(p, nan=-1.0) >= t, truth)
+        rows.append(row)
+    return rows
+
+
+def alarm_markdown(rows: list[dict], title: str, threshold: float, thresholds) -> str:
+    def f(d):
+        pr = "-" if d["precision"] is None else f"{100 * d['precision']:.0f} %"
+        rc = "-" if d["recall"] is None else f"{100 * d['recall']:.0f} %"
+        return f"{pr} / {rc} ({d['alarms']})"
+
+    cols = [("alarm_topic", f"alarms topic (p >= {threshold})")] + \
+        [(f"p>={t}", f"p_out_of_spec >= {t}") for t in thresholds] + [("naive", "naive: prediction out of spec")]
+    lines = [title, "", "| labels | parts | scrap | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['labels']} | {r['parts']} | {r['scrap']} | " + " | ".join(f(r[c[0]]) for c in cols) + " |")
+    return "\n".join(lines) + "\n\nCells: precision / recall (number of parts flagged).\n"
