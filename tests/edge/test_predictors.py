@@ -211,3 +211,35 @@ def test_out_of_spec_probability_and_alarms_on_their_own_topic(tmp_path, broker,
         if p["interval"][1] < upper:
             assert p["p_out_of_spec"] < 0.5 * (1 - p["coverage"]) + 0.02
     assert agent.terminate() == 0
+
+
+def test_simulator_plays_many_tasks_each_in_its_own_context(tmp_path, broker, line, agent_factory, pop_bundle):
+    """`edge-agent simulate --task-dir`: every line in its own context, scored against the population
+    model and the adapted meta-init on the same samples; at 0 labels the agent IS the population model."""
+    import subprocess
+    import sys
+
+    from linear_bundle import write_task_file
+
+    d, fam = pop_bundle
+
+    class Info:
+        path = d
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for t in range(4):
+        write_task_file(tasks / f"line{t}.npz", *fam.sample(fam.sample_task(900 + t), 40, seed=t))
+    agent = agent_factory(write_config(tmp_path, broker, Info, **{"adaptation.min_labels": 1})).start(line)
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "simulate", "--host", broker.host, "--port",
+                          str(broker.port), "--prefix", "factory/line1/dev1", "--task-dir", str(tasks), "--bundle",
+                          str(d), "--k", "10", "--out", str(tmp_path / "rep")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr + agent.log()
+    rows = json.loads((tmp_path / "rep" / "report_many.json").read_text())
+    zero = rows[0]
+    assert zero["labels"] == "0" and zero["tasks"] == 4 and zero["sources"] == {"population": 4 * 6}
+    assert zero["agent"] == pytest.approx(zero["population"], rel=1e-5)
+    assert all(r["no_worse"] for r in rows), out.stdout
+    assert "| 0 | 4 |" in out.stdout
+    assert agent.terminate() == 0
