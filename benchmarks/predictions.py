@@ -55,15 +55,33 @@ def wait_port(port: int, proc, seconds: float = 10) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def dump_quality_tasks(out: Path, tasks: int, parts: int, config: Path) -> None:
+def dump_quality_tasks(out: Path, tasks: int, parts: int, config: Path, scenario: str = "stationary") -> None:
+    """Unseen test lines. stationary: one line per file. changeover: the line changes over to another
+    unseen product halfway, without telling the agent (no context message). drift: the process drifts
+    slowly from one unseen line's behaviour to another's over the file (every task parameter linearly)."""
+    import torch
+
     from meta_train.config import from_dict
-    from meta_train.tasks.quality import QualityOptions, write_task_file
+    from meta_train.tasks.quality import QualityOptions, QualitySource, unseen_task_id, write_task_file
 
     task = dict((yaml.safe_load(config.read_text()) or {}).get("task") or {})
     task.pop("name", None)
     opts = from_dict(QualityOptions, task, "task")
+    if scenario == "stationary":
+        for i in range(tasks):
+            write_task_file(out / f"line{i:04d}.npz", parts, 100_000 + i, opts)  # test stream: never trained on
+        return
+    source = QualitySource(opts)
     for i in range(tasks):
-        write_task_file(out / f"line{i:04d}.npz", parts, 100_000 + i, opts)  # test stream: never trained on
+        a, b = source.task_params([unseen_task_id(200_000 + i), unseen_task_id(300_000 + i)])
+        w = torch.linspace(0, 1, parts, dtype=torch.float64)[:, None]
+        if scenario == "changeover":
+            w = (w >= 0.5).double()
+        params = (1 - w) * a + w * b  # [parts, 12]: each part under its own moment's behaviour
+        gen = torch.Generator().manual_seed(400_000 + i)
+        x = source._settings(parts, 1, gen)  # [parts, 1, 4]
+        y = source.response(params, x, torch.randn(parts, 1, generator=gen, dtype=torch.float64))
+        np.savez(out / f"line{i:04d}.npz", x=x[:, 0].numpy().astype(np.float32), y=y[:, 0].numpy().astype(np.float32))
 
 
 def through_agent(work: Path, bundle: Path, tasks, coverage: float, args):
@@ -124,6 +142,8 @@ def main() -> int:
     ap.add_argument("--spec-lower", type=float, default=2.0,
                     help="lower spec limit of the quality (about 9 %% of parts on unseen lines fall below 2.0)")
     ap.add_argument("--alarm-threshold", type=float, default=0.2, help="predictions.alarm_threshold of the agent")
+    ap.add_argument("--scenario", default="stationary", choices=["stationary", "changeover", "drift"],
+                    help="changeover: each line changes product halfway unannounced; drift: slowly (default stationary)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     args = ap.parse_args()
 
@@ -143,7 +163,7 @@ def main() -> int:
         sh(BIN / "meta-export", "--run", run, "--out", bundle)
     tasks_dir = work / "tasks"
     tasks_dir.mkdir(exist_ok=True)
-    dump_quality_tasks(tasks_dir, args.tasks, args.parts, REPO / args.config)
+    dump_quality_tasks(tasks_dir, args.tasks, args.parts, REPO / args.config, args.scenario)
 
     tasks = load_tasks(tasks_dir)
     runs = {c: through_agent(work / f"cov{c}", bundle, tasks, c, args) for c in args.coverages}
@@ -156,7 +176,7 @@ def main() -> int:
         rows = summarise(scored)
         result["coverages"][str(c)] = {"rows": rows, "missing": missing}
         ok = ok and missing == 0 and all(r["no_worse"] for r in rows)
-        what = (f"{args.tasks} unseen test lines x {args.parts} parts through the edge agent (support "
+        what = (f"{args.tasks} unseen test lines x {args.parts} parts ({args.scenario}) through the edge agent (support "
                 f"{args.support_size}, labels {args.label_delay} parts late, predictions.coverage {c})")
         if c == args.coverages[0]:
             md += markdown(rows, f"### {args.family}: errors, {what}; query MSE, mean ± 95 % CI over lines") + "\n"
@@ -175,8 +195,9 @@ def main() -> int:
            + f". Wall time {time.time() - t0:.0f} s.\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"predictions_{args.family}.md").write_text(md)
-    (out / f"predictions_{args.family}.json").write_text(json.dumps(result, indent=2, default=str))
+    stem = f"predictions_{args.family}" + ("" if args.scenario == "stationary" else f"_{args.scenario}")
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     print(md)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
