@@ -195,6 +195,7 @@ def main() -> int:
            + f". Wall time {time.time() - t0:.0f} s.\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    md = f"Made by `.venv/bin/python benchmarks/predictions.py {' '.join(sys.argv[1:])}`\n\n" + md
     stem = f"predictions_{args.family}" + ("" if args.scenario == "stationary" else f"_{args.scenario}")
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
