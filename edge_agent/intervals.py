@@ -92,17 +92,12 @@ class Intervals:
         self._alpha: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._pending: collections.OrderedDict[str, tuple[str, float, float]] = collections.OrderedDict()
         self.max_contexts, self.max_pending = max_contexts, max_pending
-        self._cache: tuple[int, Quantiles | None] | None = None
 
-    def _quantiles(self, model) -> "Quantiles | None":
-        # One parse per loaded model (a hot reload brings new quantiles).
-        if self._cache is None or self._cache[0] != id(model):
-            try:
-                q = Quantiles.from_manifest(getattr(model, "manifest", None) or {})
-            except (KeyError, TypeError, ValueError):
-                q = None  # Predictors.from_bundle has already refused a malformed section
-            self._cache = (id(model), q)
-        return self._cache[1]
+    @staticmethod
+    def _quantiles(model) -> "Quantiles | None":
+        # Validated when the bundle was loaded (predictors.py): a malformed section refuses the bundle.
+        preds = getattr(model, "predictors", None)
+        return getattr(preds, "quantiles", None)
 
     def alpha(self, ctx: str) -> float:
         return self._alpha.get(ctx, 1.0 - self.coverage)

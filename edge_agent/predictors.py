@@ -19,17 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
+from .intervals import Quantiles
 
 POPULATION, ADAPTED, META_INIT = "population", "adapted", "meta_init"
 
 
 class Predictors:
     def __init__(self, population_state: np.ndarray | None, population_error: float | None,
-                 adapted_error: list[float] | None, population_is_init: bool = False):
+                 adapted_error: list[float] | None, population_is_init: bool = False, quantiles=None):
         self.population_state = population_state
         self.population_error = population_error
         self.adapted_error = adapted_error  # index K = labels adapted on (0 = bare init)
         self.population_is_init = population_is_init
+        self.quantiles = quantiles  # intervals.Quantiles: |residual| per predictor and K, or None
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, manifest: dict, init_state: np.ndarray) -> "Predictors":
@@ -45,17 +47,21 @@ class Predictors:
             raise BundleError(f"manifest predictors: malformed ({type(e).__name__}: {e})") from None
         if not adapted or not all(math.isfinite(v) for v in adapted + [pop_err]):
             raise BundleError("manifest predictors.expected_error: empty or non-finite curve")
+        try:
+            quantiles = Quantiles.from_manifest(manifest)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest predictors.expected_error.abs_residual_quantiles: malformed ({e})") from None
         if name not in manifest.get("files", {}):
             raise BundleError(f"manifest predictors.population.file {name!r} is not a listed (hashed) bundle file")
         if name == "init_state.npy":
-            return cls(init_state, pop_err, adapted, population_is_init=True)
+            return cls(init_state, pop_err, adapted, population_is_init=True, quantiles=quantiles)
         try:
             state = np.load(Path(bundle_dir) / name, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise BundleError(f"{name}: cannot load: {e}") from e
         if state.dtype != np.float32 or state.shape != init_state.shape:
             raise BundleError(f"{name} is {state.dtype}{list(state.shape)}, expected float32{list(init_state.shape)}")
-        return cls(state, pop_err, adapted)
+        return cls(state, pop_err, adapted, quantiles=quantiles)
 
     @property
     def has_population(self) -> bool:

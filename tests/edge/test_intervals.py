@@ -3,6 +3,8 @@ evidence, adaptive conformal inference on its honest residuals after. Torch-free
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,7 @@ def _half_normal_quantiles(scale: float) -> list[float]:
 
 
 class M:
-    """What the interval code reads of a model: its manifest."""
+    """What the interval code reads of a model: the quantiles its predictors loaded from the manifest."""
 
     def __init__(self, adapted_scales, population_scale=None):
         ee = {"abs_residual_quantiles": {"levels": LEVELS, "adapted": [_half_normal_quantiles(s) for s in adapted_scales]}}
@@ -28,6 +30,7 @@ class M:
             ee["abs_residual_quantiles"]["population"] = _half_normal_quantiles(population_scale)
         self.manifest = {"predictors": {"expected_error": ee}}
         self.task_kind = "regression"
+        self.predictors = types.SimpleNamespace(quantiles=Quantiles.from_manifest(self.manifest))
 
 
 def test_quantiles_per_source_and_k_with_bounded_tails():

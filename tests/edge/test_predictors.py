@@ -140,6 +140,13 @@ def test_population_file_must_be_listed_and_well_formed(pop_bundle, tmp_path):
     with pytest.raises(BundleError, match="empty or non-finite"):
         _load(bad)
 
+    bad = _copy(d, tmp_path / "quantiles")
+    man = json.loads((bad / "manifest.json").read_text())
+    man["predictors"]["expected_error"]["abs_residual_quantiles"]["levels"][3] = 0.0  # not increasing
+    (bad / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="abs_residual_quantiles"):
+        _load(bad)
+
     bad = _copy(d, tmp_path / "shape")
     np.save(bad / "population_state.npy", np.zeros(3, np.float32))
     man = json.loads((bad / "manifest.json").read_text())
