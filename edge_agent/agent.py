@@ -23,13 +23,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import __version__
+from . import __version__, predictors
 from .config import Config
 from .errors import BrokerError, PayloadError
 from .lifecycle import ModelLifecycle
 from .model import Model
 from .sdnotify import watchdog_interval
 from .observer import Observer, Observers
+from .prediction_extras import Extras
 from .protocol import Sample, Schema, decode, label_value, parse_context, parse_label, parse_sample, peek_id
 from .early_labels import expiry_records, hold_records
 from .sample_ids import check_known, content, reused_report
@@ -119,6 +120,7 @@ class Agent(ModelLifecycle):
         self._unsent: collections.deque[tuple[str, str, bool]] = collections.deque()
         self._dirty: set[str] = set()  # contexts with labels not yet adapted on
         self._err_budget = (0.0, 0)
+        self.extras = Extras(cfg.predictions, lim.pending_samples)  # intervals (prediction_extras.py)
         self.transport = transport_cls(cfg, self._on_message, self._online_payload, self._offline_payload, self.obs)
         self.transport.on_published = self._on_published
 
@@ -442,6 +444,8 @@ class Agent(ModelLifecycle):
             self._unsent.append((sid, payload, False))
             self.obs.on_prediction(now - t_recv, adapted, n_support)
         self._publish_unsent()
+        for payload in self.extras.take_alarms():  # after the commit, like the predictions they concern
+            self.transport.publish(self.cfg.topic("alarms"), payload, qos=1)
         for payload in resend:
             self.transport.publish(self.cfg.topic("predictions"), payload, qos=1, resent=True)
         for topic_kind, e in errors:
@@ -485,6 +489,7 @@ class Agent(ModelLifecycle):
 
     def _join(self, sid: str, ctx: str, x: np.ndarray, y, records: list[dict]) -> None:
         self._record({"t": "l", "id": sid, "c": ctx, "x": x, "y": y}, records)
+        self.extras.observe(sid, y)  # an honest residual: its prediction was made before this label
         self._dirty.add(ctx)
         self.obs.on_label(ctx)
 
@@ -522,8 +527,9 @@ class Agent(ModelLifecycle):
         c = self.state.contexts.get(ctx)  # a context without labels yet need not exist
         adapted = c is not None and c.state is not None
         n_support = c.adapted_on if adapted else 0
+        source, state = predictors.of(self.model).choose(c.state if adapted else None, n_support, self.model.init_state)
         try:
-            y = self.model.predict(c.state if adapted else self.model.init_state, np.array([p.sample.x for p in group]))
+            y = self.model.predict(state, np.array([p.sample.x for p in group]))
         except Exception as e:  # noqa: BLE001 - a model failure is reported per sample, not fatal
             log.exception("prediction failed")
             for p in group:
@@ -532,11 +538,12 @@ class Agent(ModelLifecycle):
         t_done = time.monotonic()
         # Assembled by hand: json.dumps per prediction was the largest single cost at high rates.
         tail = (f',"model_version":{_jstr(self.model.version)},"context":{_jstr(ctx)},'
-                f'"adapted":{"true" if adapted else "false"},"n_support":{n_support},"latency_ms":')
+                f'"adapted":{"true" if adapted else "false"},"n_support":{n_support},"source":"{source}","latency_ms":')
         now = time.time()
         for p, yi in zip(group, y):
             s = p.sample
             payload = (f'{{"id":{_jval(s.id)},"ts":{_jval(s.ts)},{self._format_prediction(yi)}'
+                       f'{self.extras.fields(self.model, ctx, s.id, source, n_support, yi)}'
                        f'{tail}{round((t_done - p.t_recv) * 1e3, 3)}}}')
             r = {"t": "s", "id": s.id, "c": ctx, "o": payload, "f": content(s, now)}
             if p.y is None:

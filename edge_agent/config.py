@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from .errors import ConfigError
+from .prediction_config import Predictions, check as _check_predictions
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Config:
     adaptation: Adaptation = field(default_factory=Adaptation)
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
+    predictions: Predictions = field(default_factory=Predictions)  # prediction_config.py (issue 13)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     path: Optional[str] = None  # where it was loaded from; not a YAML key
 
@@ -268,6 +270,7 @@ def _check(cfg: Config) -> None:
     need(lim.dedupe_window_s is None or lim.dedupe_window_s > 0, "limits.dedupe_window_s", "must be > 0 or null")
     need(1 <= cfg.metrics.port <= 65535, "metrics.port", "must be 1..65535")
     need(0 <= cfg.metrics.max_context_labels <= 10_000, "metrics.max_context_labels", "must be 0..10000")
+    _check_predictions(cfg.predictions, need)
 
 
 def _resolve_paths(cfg: Config, base: Path, credentials_dir: str | None = None) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
+from .predictors import Predictors
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Model:
                 f"init_state.npy is {init.dtype}{list(init.shape)}, manifest says float32[{self.state_size}]"
             )
         self.init_state = init
+        self.predictors = Predictors.from_bundle(d, manifest, init)  # population model + expected errors
         self._adapt = ort_session(d / "adapt.onnx")
         self._predict = ort_session(d / "predict.onnx")
         self._check_signatures()

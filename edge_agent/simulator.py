@@ -2,8 +2,14 @@
 
 It publishes the task's samples (and each label `--label-delay` samples later, as an inspection
 station would), collects the agent's predictions, and reports the error against the truth as a
-function of how many labels the agent had: meta-initialisation vs adapted, and, given
-`--scratch-bundle`, a from-scratch reference computed locally on the same support sets.
+function of how many labels the agent had: the agent's own predictions, which model gave them
+(`source`) and how often their intervals held (`cover`), against the bare meta-initialisation and the
+bundle's population model on the same samples (given `--bundle`) and, given `--scratch-bundle`, a
+from-scratch reference computed locally on the same support sets.
+
+`--task-dir DIR` plays every task file in DIR, each in its own context, and prints per window of label
+count the mean error over tasks with its 95 % CI against the population model and the adapted
+meta-init on the same samples (simulate_many.py; benchmarks/predictions.py runs it at scale).
 
 The truth comes from a task file written on the workstation (docs/protocol.md, "Task file"):
 `np.savez(path, x=float32[n, *input_shape], y=[n])`. Torch-free: numpy, paho, onnxruntime only.
@@ -21,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .predictors import of as predictors_of
+
 BINS = [0, 1, 5, 10, 20, 50, 100, 200, 500, 1000]
 
 
@@ -29,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--prefix", help="topic prefix, e.g. factory/line1/press2")
-    p.add_argument("--task-file", required=True, help="npz with x [n, ...] and y [n]")
-    p.add_argument("--n", type=int, default=None, help="samples to play (default: all)")
+    p.add_argument("--task-file", help="npz with x [n, ...] and y [n]")
+    p.add_argument("--task-dir", help="directory of task files: each played in its own context (needs --bundle)")
+    p.add_argument("--n", type=int, default=None, help="samples to play (default: all); with --task-dir: tasks")
     p.add_argument("--rate", type=float, default=100.0, help="samples per second (0: as fast as possible)")
     p.add_argument("--label-delay", type=int, default=5, help="a sample's label follows this many samples later")
     p.add_argument("--context", default=None, help="switch the line to this context first")
@@ -52,6 +61,7 @@ class LineClient:
         self.predictions: dict[str, list[dict]] = {}
         self.errors: list[dict] = []
         self.status: list[dict] = []
+        self.alarms: list[dict] = []
         self._cv = threading.Condition()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"sim-{uuid.uuid4().hex[:8]}",
                              protocol=mqtt.MQTTv5)
@@ -71,7 +81,7 @@ class LineClient:
             raise RuntimeError(f"simulator could not subscribe on {host}:{port}")
 
     def _on_connect(self, client, userdata, flags, rc, props):
-        client.subscribe([(f"{self.prefix}/{t}", 1) for t in ("predictions", "errors", "status")])
+        client.subscribe([(f"{self.prefix}/{t}", 1) for t in ("predictions", "errors", "status", "alarms")])
 
     def _on_message(self, client, userdata, msg):
         try:
@@ -79,12 +89,15 @@ class LineClient:
         except ValueError:
             return
         d["_t"] = time.monotonic()
+        d["_qos"] = msg.qos
         kind = msg.topic.rsplit("/", 1)[1]
         with self._cv:
             if kind == "predictions":
                 self.predictions.setdefault(str(d.get("id")), []).append(d)
             elif kind == "errors":
                 self.errors.append(d)
+            elif kind == "alarms":
+                self.alarms.append(d)
             else:
                 self.status.append(d)
             self._cv.notify_all()
@@ -166,18 +179,27 @@ def score(ids, x, y, predictions: dict, label_delay: int, bundle=None, scratch=N
     labels_before = np.maximum(0, np.arange(n) - label_delay)  # labels published before sample i
     agent = np.full(n, np.nan)
     adapted = np.zeros(n, bool)
+    sources = [""] * n
+    covered = np.full(n, np.nan)  # did the agent's interval hold the truth (nan: no interval)
     for i, sid in enumerate(ids):
         got = predictions.get(sid)
         if got:
             p = got[0]
+            sources[i] = str(p.get("source", ""))
+            iv = p.get("interval")
+            if iv and None not in iv:
+                covered[i] = float(iv[0] <= float(y[i]) <= iv[1])
             if "class_index" in p:
                 agent[i] = float(p["class_index"] != int(y[i]))
             elif p.get("prediction") is not None:
                 agent[i] = (float(p["prediction"]) - y[i]) ** 2
             adapted[i] = bool(p.get("adapted"))
-    meta = scr = None
+    meta = scr = pop = None
     if bundle is not None:
         meta = _loss(bundle.predict(bundle.init_state, x), y)
+        preds = predictors_of(bundle)
+        if preds.has_population:
+            pop = _loss(bundle.predict(preds.population_state, x), y)
     if scratch is not None:
         kk = k or scratch.recommended_k
         scr = np.full(n, np.nan)
@@ -201,7 +223,10 @@ def score(ids, x, y, predictions: dict, label_delay: int, bundle=None, scratch=N
             "agent_mse": _nanmean(agent[sel]),
             "adapted_frac": float(adapted[sel].mean()),
             "meta_init_mse": None if meta is None else _nanmean(meta[sel]),
+            "population_mse": None if pop is None else _nanmean(pop[sel]),
             "scratch_mse": None if scr is None else _nanmean(scr[sel]),
+            "source": _dominant([sources[i] for i in np.flatnonzero(sel)]),
+            "interval_coverage": _nanmean(covered[sel]),
         })
     dups = sum(1 for sid in ids if len(predictions.get(sid, [])) > 1)
     return {
@@ -213,8 +238,22 @@ def score(ids, x, y, predictions: dict, label_delay: int, bundle=None, scratch=N
         "mse_agent_adapted": _nanmean(agent[adapted]),
         "mse_meta_init_reference": None if meta is None else _nanmean(meta[adapted]),
         "mse_scratch_reference": None if scr is None else _nanmean(scr[adapted]),
+        # The summary compares like with like: the agent's adapted predictions and the bare meta-init
+        # on the very same samples (comparing the agent's early, unadapted samples with its later
+        # adapted ones mixed how hard the samples were with what adaptation did).
+        "same_samples": {"n": int(adapted.sum()), "agent_adapted": _nanmean(agent[adapted]),
+                         "meta_init": None if meta is None else _nanmean(meta[adapted])},
         "bins": rows,
     }
+
+
+def _dominant(srcs: list[str]) -> str:
+    """'adapted 4/population 1': which predictors answered in a window (the agent's `source`)."""
+    counts: dict[str, int] = {}
+    for v in srcs:
+        if v:
+            counts[v] = counts.get(v, 0) + 1
+    return "/".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
 
 
 def _nanmean(a) -> float | None:
@@ -225,13 +264,18 @@ def _nanmean(a) -> float | None:
 
 def table(report: dict) -> str:
     f = lambda v: "      -" if v is None else f"{v:7.4f}"  # noqa: E731
-    lines = [f"{'labels':>10} {'n':>5} {'agent':>7} {'adapted':>7} {'meta':>7} {'scratch':>7}"]
+    cov = lambda v: "      -" if v is None else f"{100 * v:6.1f}%"  # noqa: E731
+    lines = [f"{'labels':>10} {'n':>5} {'agent':>7} {'adapted':>7} {'meta':>7} {'pop':>7} {'scratch':>7} "
+             f"{'cover':>7}  source"]
     for r in report["bins"]:
         lines.append(f"{r['labels']:>10} {r['n']:5d} {f(r['agent_mse'])} {r['adapted_frac']:7.2f} "
-                     f"{f(r['meta_init_mse'])} {f(r['scratch_mse'])}")
+                     f"{f(r['meta_init_mse'])} {f(r.get('population_mse'))} {f(r['scratch_mse'])} "
+                     f"{cov(r.get('interval_coverage'))}  {r.get('source', '-')}")
+    same = report.get("same_samples") or {}
     lines.append(f"predicted {report['n_predicted']}/{report['n_samples']}, duplicates {report['duplicates']}; "
-                 f"MSE meta-init {f(report['mse_agent_meta_init']).strip()}, "
-                 f"adapted {f(report['mse_agent_adapted']).strip()}")
+                 f"on the {same.get('n', 0)} samples the agent predicted adapted: MSE adapted "
+                 f"{f(same.get('agent_adapted')).strip()}, bare meta-init {f(same.get('meta_init')).strip()} "
+                 "(same samples)")
     return "\n".join(lines)
 
 
@@ -247,8 +291,9 @@ def plot(report: dict, path: Path) -> bool:
     rows = report["bins"]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("agent_mse", "agent"), ("meta_init_mse", "meta-init"), ("scratch_mse", "scratch")):
-        ys = [r[key] for r in rows]
+    for key, label in (("agent_mse", "agent"), ("meta_init_mse", "meta-init"), ("population_mse", "population"),
+                       ("scratch_mse", "scratch")):
+        ys = [r.get(key) for r in rows]
         if any(v is not None for v in ys):
             ax.plot(xs, [np.nan if v is None else v for v in ys], marker="o", label=label)
     ax.set_xticks(list(xs), [r["labels"] for r in rows])
@@ -282,6 +327,11 @@ def run_from_args(args) -> int:
     if not prefix:
         print("simulate: give --prefix or --config", file=sys.stderr)
         return 2
+    if bool(args.task_file) == bool(args.task_dir):
+        print("simulate: give --task-file or --task-dir", file=sys.stderr)
+        return 2
+    if args.task_dir:
+        return _run_many(args, host, port, prefix, auth)
     data = np.load(args.task_file, allow_pickle=False)
     x, y = data["x"], data["y"]
     if args.n:
@@ -305,3 +355,29 @@ def run_from_args(args) -> int:
         if plot(report, out / "error_vs_labels.png"):
             print(f"wrote {out / 'error_vs_labels.png'}")
     return 0 if not report["missing"] else 1
+
+
+def _run_many(args, host, port, prefix, auth) -> int:
+    from . import simulate_many as many
+
+    if not args.bundle:
+        print("simulate: --task-dir needs --bundle (the references are computed locally)", file=sys.stderr)
+        return 2
+    tasks = many.load_tasks(args.task_dir, args.n)
+    line = LineClient(host or "localhost", port or 1883, prefix, **auth)
+    try:
+        ids = many.play_all(line, tasks, f"sim{uuid.uuid4().hex[:6]}", args.label_delay, args.timeout)
+    finally:
+        line.close()
+    model = _local_model(args.bundle)
+    k = args.k or model.recommended_k
+    scored = [many.score_task(model, x, y, tid, line.predictions, args.label_delay, k)
+              for (_, x, y), tid in zip(tasks, ids)]
+    rows = many.summarise(scored)
+    print(many.markdown(rows, f"{len(tasks)} tasks (support {k}): mean ± 95 % CI over tasks"))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report_many.json").write_text(json.dumps(rows, indent=2))
+    missing = sum(int(np.isnan(s["agent"]).sum()) for s in scored)
+    return 0 if not missing else 1

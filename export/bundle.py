@@ -20,12 +20,13 @@ from edge_agent.model import ort_session  # parity is proven under the device's 
 from meta_train.trained import load_trained
 
 from . import manifest as manifest_mod
-from . import onnx_export, parity, torchscript
+from . import onnx_export, parity, population, torchscript
 from .errors import ExportError, SigningKeyError
 from .signing import MANIFEST_NAME, SIGNATURE_NAME, load_private_key, sign_manifest
-from .trace import Functions, trace
+from .trace import Functions, task_kind, trace
 
 BUNDLE_FILES = ["adapt.onnx", "predict.onnx", "init_state.npy", "model.pt"]
+POPULATION_FILE = "population_state.npy"  # the pooled model's state for predict.onnx (export/population.py)
 DEFAULT_MAX_SUPPORT = 64
 PARITY_TASKS = 20
 
@@ -61,7 +62,7 @@ def _prepare_destination(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
             raise ExportError(f"{out} exists and is not a directory")
-        known = set(BUNDLE_FILES) | {MANIFEST_NAME, SIGNATURE_NAME}
+        known = set(BUNDLE_FILES) | {POPULATION_FILE, MANIFEST_NAME, SIGNATURE_NAME}
         foreign = sorted(p.name for p in out.iterdir() if p.name not in known)
         if foreign:
             # Replacing a previous bundle is fine; deleting someone's other files is not.
@@ -70,7 +71,11 @@ def _prepare_destination(out: Path) -> None:
 
 
 def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUPPORT, steps: int | None = None,
-                  parity_tasks: int = PARITY_TASKS, optimize: bool = True, log=print) -> Exported:
+                  parity_tasks: int = PARITY_TASKS, optimize: bool = True, population_model: bool | None = None,
+                  pooled: bool = False, log=print) -> Exported:
+    """`population_model`: ship the pooled model next to the meta-init, with the expected-error curves
+    the device picks its predictor by (None: for regression runs). `pooled`: the bundle IS the pooled
+    model (fine-tuned on the device at the baseline's rate), for a run whose verdict is "use a pooled model"."""
     out = Path(out)
     if max_support < 1:
         raise ExportError(f"--max-support must be >= 1, got {max_support}")
@@ -81,6 +86,25 @@ def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUP
             raise SigningKeyError(f"signing key {sign_key}: {e}") from None
     _prepare_destination(out)
     trained = load_trained(run)
+    auto = population_model is None
+    if auto:
+        population_model = task_kind(trained) == "regression" and not pooled
+    source = pooled_p = None
+    if population_model or pooled:
+        try:
+            source = population.source_of(trained)
+        except Exception as e:  # noqa: BLE001 - any source failure (missing data file, unknown name) means the same
+            if pooled or not auto:
+                raise ExportError(f"the pooled model needs the run's task source, which cannot be built here: {e}") from e
+            source = None
+            print(f"meta-export: warning: no population model in this bundle: the run's task source cannot be "
+                  f"built here ({e}); the device will use the meta-init / adapted model only", file=sys.stderr)
+    if source is not None:
+        log(f"training the pooled model ({trained.config.baselines.pretrain_iterations} iterations, "
+            f"batch {trained.config.baselines.pretrain_batch})")
+        pooled_p = population.pooled_params(trained, source)
+        if pooled:
+            trained = population.as_pooled_run(trained, pooled_p)
     try:
         fns = Functions(trained, steps)
     except ValueError as e:
@@ -103,8 +127,21 @@ def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUP
         log(f"parity on {result.tasks} tasks ({result.task_source}), support sizes {result.support_sizes} (+ padded): "
             + ", ".join(f"{b} max|dy| {v['y']:.2e} max|dstate| {v['state']:.2e}" for b, v in result.max_abs.items()))
 
+        files = list(BUNDLE_FILES)
+        predictors = None
+        if source is not None:
+            pop_state, pop_file = None, "init_state.npy"  # a pooled bundle's init is the population model
+            if not pooled:
+                pop_state, pop_file = fns.layout.flatten(pooled_p).float(), POPULATION_FILE
+                np.save(work / pop_file, pop_state.numpy().astype(np.float32), allow_pickle=False)
+                files.append(pop_file)
+            curves = population.expected_errors(fns, fns.init_state() if pooled else pop_state, source, max_support,
+                                                seed=int(trained.config.seed))
+            predictors = manifest_mod.predictors(pop_file, curves, trained.config.baselines)
+            log(f"expected MSE on {curves['tasks']} validation tasks: population {curves['population']:.4g}, "
+                + ", ".join(f"K={k} {curves['adapted'][k]:.4g}" for k in (0, 1, 5, 10) if k <= max_support))
         manifest = manifest_mod.build(fns, work, max_support=max_support, parity=result.to_manifest(),
-                                      files=BUNDLE_FILES)
+                                      files=files, predictors=predictors)
         manifest_mod.write(manifest, work)
         if sign_key is not None:
             try:

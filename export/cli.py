@@ -23,7 +23,8 @@ def _export(args) -> int:
     from .bundle import export_bundle
 
     result = export_bundle(args.run, args.out, sign_key=args.sign_key, max_support=args.max_support,
-                           steps=args.steps, optimize=not args.no_optimize)
+                           steps=args.steps, optimize=not args.no_optimize, pooled=args.pooled,
+                           population_model=False if args.no_population else None)
     m = result.manifest
     print(f"bundle: {result.path} model_version {m['model_version']} "
           f"({'signed' if result.signed else 'UNSIGNED'}, {m['task_kind']}, state {m['state_size']}, "
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="inner steps in the graph (default: the trained number)")
     p.add_argument("--no-optimize", action="store_true",
                    help="export autograd's graph verbatim, without export/optimize.py's rewrites (slower; for diagnosis)")
+    p.add_argument("--pooled", action="store_true",
+                   help="export the run's pooled model (pretrain on all training tasks, fine-tuned on the device) "
+                        "instead of the meta-learned one: for a run whose verdict is 'use a pooled model'")
+    p.add_argument("--no-population", action="store_true",
+                   help="do not ship the population model and expected-error curves (regression bundles have "
+                        "them by default; the device then always uses the meta-init / adapted model)")
     return p
 
 

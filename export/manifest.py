@@ -18,6 +18,7 @@ from .trace import Functions
 FORMAT_VERSION = 1
 # The files whose bytes define the model: two bundles with the same ones behave identically.
 VERSIONED_FILES = ("adapt.onnx", "predict.onnx", "init_state.npy")
+OPTIONAL_VERSIONED_FILES = ("population_state.npy",)
 
 
 def _meta_train_version() -> str:
@@ -34,7 +35,7 @@ def _meta_train_version() -> str:
 
 def model_version(bundle_dir: Path) -> str:
     h = hashlib.sha256()
-    for name in VERSIONED_FILES:
+    for name in VERSIONED_FILES + tuple(n for n in OPTIONAL_VERSIONED_FILES if (bundle_dir / n).exists()):
         h.update(name.encode() + b"\0")
         h.update((bundle_dir / name).read_bytes())
     return h.hexdigest()[:16]
@@ -84,9 +85,22 @@ def class_names(fns: Functions) -> list[str] | None:
     return [str(i) for i in range(n)]
 
 
-def build(fns: Functions, bundle_dir: Path, *, max_support: int, parity: dict, files: list[str]) -> dict:
+def predictors(population_file: str, curves: dict, baselines) -> dict:
+    """manifest.predictors (docs/bundle.md): where the population model is and what each predictor's
+    error is expected to be against the number of labels, measured on validation tasks."""
+    return {
+        "population": {"file": population_file, "graph": "predict.onnx",
+                       "trained": {"iterations": int(baselines.pretrain_iterations),
+                                   "batch": int(baselines.pretrain_batch), "lr": float(baselines.pretrain_lr)}},
+        "expected_error": curves,
+    }
+
+
+def build(fns: Functions, bundle_dir: Path, *, max_support: int, parity: dict, files: list[str],
+          predictors: dict | None = None) -> dict:
     trained = fns.trained
     cfg = fns.cfg
+    extra = {} if predictors is None else {"predictors": predictors}
     return {
         "format_version": FORMAT_VERSION,
         "model_version": model_version(bundle_dir),
@@ -116,6 +130,7 @@ def build(fns: Functions, bundle_dir: Path, *, max_support: int, parity: dict, f
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         "parity": parity,
+        **extra,
         "files": {name: file_sha256(bundle_dir / name) for name in files},
     }
 

@@ -23,6 +23,7 @@ def train_run(out: Path, algorithm: str, iterations: int = 30, steps: int = 2) -
     overrides = [
         f"algorithm.name={algorithm}", f"algorithm.inner_steps={steps}", f"train.iterations={iterations}",
         "train.meta_batch=4", "train.progress=false", "train.checkpoint_every=0", "model.hidden=[16,16]",
+        "baselines.pretrain_iterations=40",  # the pooled model meta-export now ships: cheap here
     ]
     train(load_config(None, overrides), out)
     return out
