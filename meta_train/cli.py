@@ -18,12 +18,25 @@ def _train(args) -> int:
     overrides = list(args.set) + ([f"device={args.device}"] if args.device else [])
     cfg = load_config(args.config, overrides)
     path = train(cfg, args.out, resume=args.resume, max_iterations=args.max_iterations)
-    print(f"checkpoint: {path}")
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the checkpoint
+        print(final_line(path))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .train import leave_worker
 
         leave_worker(0)  # under torchrun: see leave_worker for why not a normal interpreter exit
     return 0
+
+
+def final_line(path) -> str:
+    """The run's last line: where the checkpoint is, and the meta-loss it ended with (so a bad run shows)."""
+    from . import checkpoint
+
+    ckpt = checkpoint.load(path)
+    loss, ema = ckpt.get("meta_loss"), ckpt.get("meta_loss_ema")
+    losses = "no iteration run" if loss is None else f"final meta-loss {loss:.6g} (moving average {ema:.6g})"
+    skips = ckpt.get("nonfinite_skips", 0)
+    skipped = f", {skips} non-finite batch(es) skipped" if skips else ""
+    return f"checkpoint: {path} (iteration {ckpt['iteration']}, {losses}{skipped})"
 
 
 def _eval(args) -> int:
