@@ -40,6 +40,7 @@ def final_line(path) -> str:
 
 
 def _eval(args) -> int:
+    from . import split_guard
     from .config import apply_overrides, from_dict, EvalConfig, BaselineConfig, to_dict
     from .evaluate import evaluate, write_reports
     from .tasks import build_source
@@ -55,8 +56,13 @@ def _eval(args) -> int:
     ecfg = from_dict(EvalConfig, data["eval"], "eval")
     bcfg = from_dict(BaselineConfig, data["baselines"], "baselines")
     source = build_source(data["task"])
+    note = split_guard.check(trained.split, split_guard.identity(data["task"], source), args.new_tasks)
+    if note:
+        print(note)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = evaluate(trained, source, ecfg, bcfg, which=methods, split=args.split)
+    if note:
+        results["split_note"] = note
     paths = write_reports(results, Path(args.out or args.run), stem=args.stem)
     print(Path(paths["markdown"]).read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -82,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stem", default="eval")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--methods", default="meta,scratch,pretrain")
+    e.add_argument("--new-tasks", action="store_true",
+                   help="evaluate even though the data or task settings give another split than the run's "
+                        "(the tasks may overlap the run's training tasks; the output says so)")
     e.add_argument("set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. eval.tasks=1000 eval.shots=[5]")
     e.set_defaults(func=_eval)
     return parser

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, split_guard
 from .algorithms import Algorithm, meta_gradient, resolve, splits_tasks
 from .config import Config, to_dict
 from .errors import ConfigError, NonFiniteError
@@ -325,6 +325,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
     torch.manual_seed(cfg.seed)
     source = build_source(cfg.task) if source is None else source
     spec = model_spec(cfg, source)
+    split = split_guard.identity(dict(cfg.task), source)  # eval refuses to score on another split
     model = build_model(spec).to(device)
     alg: Algorithm = resolve(cfg.algorithm, source.loss)
     task_gen = torch.Generator().manual_seed(cfg.seed)
@@ -380,6 +381,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
                 meta_loss=last_loss,
                 meta_loss_ema=running,
                 nonfinite_skips=skips,
+                split=split,
             )
         saved["iteration"] = iteration
 

@@ -265,7 +265,7 @@ class TableSource:
             y_model = y[train_rows]
         self.train_x = torch.from_numpy(x[train_rows])
         self.train_y = torch.from_numpy(y_model)
-        self.fingerprint = data_fingerprint(o, features, x, y, task_of_row)
+        self.fingerprint = data_fingerprint(features, x, y, task_of_row)
         if self.kind == "classification":
             for split, tasks in self.split_tasks.items():
                 few = [(t, len(self.tasks[t]["by_class"])) for t in tasks if len(self.tasks[t]["by_class"]) < self.n_way]
@@ -361,7 +361,7 @@ class TableSource:
                 "split_tasks": {k: v[:1000] for k, v in self.split_tasks.items()},
                 "scaling": {"inputs": self.opts.scaling.inputs, "target": self.opts.scaling.target,
                             "clip": self.opts.scaling.clip},
-                "fingerprint": self.fingerprint}
+                "data_fingerprint": self.fingerprint}
 
     def task_rows(self, task: str) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of one task's rows in the user's units, in file order: what a line would publish (dump-task)."""
@@ -369,15 +369,12 @@ class TableSource:
         return entry["x"].numpy(), entry.get("y_raw", entry["y"]).numpy()
 
 
-def data_fingerprint(opts: TableOptions, features: list[str], x: np.ndarray, y: np.ndarray, tasks: list[str]) -> str:
-    """sha256 over what decides the split and the episodes: the parsed values (not the file's bytes or path:
-    a re-saved or moved file with the same numbers is the same data) and every task setting but the path."""
-    import dataclasses
+def data_fingerprint(features: list[str], x: np.ndarray, y: np.ndarray, tasks: list[str]) -> str:
+    """sha256 over the parsed values that decide the split and the episodes, not the file's bytes or path:
+    a re-saved or moved file with the same numbers is the same data."""
     import hashlib
-    import json
 
-    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "path"}
-    h = hashlib.sha256(json.dumps({"settings": settings, "features": features}, sort_keys=True).encode())
+    h = hashlib.sha256("\x1f".join(features).encode())
     for part in (np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y)):
         h.update(part.tobytes())
     h.update("\x1f".join(tasks).encode())
