@@ -69,6 +69,31 @@ def _eval(args) -> int:
     return 0
 
 
+def _dump_task(args) -> int:
+    from . import dump_task
+    from .config import apply_overrides, load_config
+    from .errors import ConfigError
+    from .tasks import build_source
+
+    if bool(args.run) == bool(args.config):
+        raise ConfigError("give --run RUN (its task settings) or --config CFG, one of them")
+    if args.rows < 2:
+        raise ConfigError("--rows must be >= 2")
+    if args.run and any(not item.startswith("task.") for item in args.set):
+        raise ConfigError(f"dump-task --run only takes task.* overrides, not {[i for i in args.set if not i.startswith('task.')]}")
+    if args.run:
+        from .trained import load_trained
+
+        task = apply_overrides({"task": dict(load_trained(args.run).config.task)}, args.set)["task"]
+    else:
+        task = dict(load_config(args.config, args.set).task)
+    source = build_source(task)
+    x, y, what = dump_task.task_arrays(source, args.split, args.task, args.rows, args.seed)
+    path = dump_task.write(args.out, x, y, source.describe().get("feature_names"))
+    print(f"task file: {path} ({what}; x {list(x.shape)}, y {y.dtype})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meta-train", description="Meta-train and evaluate initialisations.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the tasks may overlap the run's training tasks; the output says so)")
     e.add_argument("set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. eval.tasks=1000 eval.shots=[5]")
     e.set_defaults(func=_eval)
+
+    d = sub.add_parser("dump-task", help="write one task as a line-simulator task file (edge-agent simulate)")
+    d.add_argument("--run", help="take the task settings from this run (default split: its test tasks)")
+    d.add_argument("--config", help="or from this YAML config")
+    d.add_argument("--out", required=True, help="task file to write (.npz)")
+    d.add_argument("--split", default="test", choices=["train", "val", "test"])
+    d.add_argument("--task", help="a table's task (a value of task_column; default: the split's first)")
+    d.add_argument("--rows", type=int, default=500, help="at most this many samples (default 500)")
+    d.add_argument("--seed", type=int, default=0, help="which task a synthetic source draws")
+    d.add_argument("set", nargs="*", metavar="KEY=VALUE", help="task overrides, e.g. task.path=new.csv")
+    d.set_defaults(func=_dump_task)
     return parser
 
 
