@@ -285,14 +285,16 @@ def meta_step(model, alg: Algorithm, params: dict, lrs: dict, optimizer: OuterOp
     if ddp is not None:
         ddp.average([flat])
     grad, loss_value = flat[:-1], float(flat[-1])
-    # Checked before the Adam step, so the parameters stay the last finite ones. One reduction over the flat
-    # vector (the loss rides along) and, under DDP, the same decision on every rank: they hold the same average.
-    if not bool(torch.isfinite(flat).all()):
+    # Checked before the Adam step, so the parameters stay the last finite ones; under DDP every rank decides
+    # alike (they hold the same average). The clipping norm is NaN/inf exactly when an element is (or the norm
+    # overflows, which clipping could not undo either), so with clipping on the check costs nothing extra; an
+    # isfinite reduction costs ~9 us per iteration on the sinusoid MLP (1,762 values), ~2.5 % of one iteration.
+    total = float(torch.linalg.vector_norm(grad)) if cfg.train.grad_clip > 0 else None
+    finite = math.isfinite(total) if total is not None else bool(torch.isfinite(grad).all())
+    if not (finite and math.isfinite(loss_value)):
         raise NonFiniteStep(iteration, loss_value)
-    if cfg.train.grad_clip > 0:
-        total = float(torch.linalg.vector_norm(grad))
-        if total + 1e-12 > cfg.train.grad_clip:
-            grad.mul_(cfg.train.grad_clip / (total + 1e-12))
+    if total is not None and total + 1e-12 > cfg.train.grad_clip:
+        grad.mul_(cfg.train.grad_clip / (total + 1e-12))
     optimizer.step(grad, meta_lr_at(cfg, iteration))
     with torch.no_grad():  # a learned inner rate may not turn into gradient ascent
         for r in lrs.values():

@@ -79,8 +79,9 @@ def _cfg(*overrides):
                               "train.checkpoint_every=5", "model.hidden=[8]", *overrides])
 
 
-def test_a_nan_batch_stops_training_before_the_outer_step(tmp_path):
-    cfg = _cfg()
+@pytest.mark.parametrize("clip", ["10.0", "0"])  # found through the clipping norm, or by its own check
+def test_a_nan_batch_stops_training_before_the_outer_step(tmp_path, clip):
+    cfg = _cfg(f"train.grad_clip={clip}")
     with pytest.raises(NonFiniteError, match="non-finite meta-loss nan at iteration 7"):
         train(cfg, tmp_path / "r", source=PoisonedSource(cfg, {6}))
     kept = checkpoint.load(tmp_path / "r")
