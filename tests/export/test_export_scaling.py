@@ -53,6 +53,9 @@ def test_bundle_predicts_in_the_users_units_like_the_torch_model(scaled_run, tmp
     m = result.manifest
     assert m["parity"]["task_source"] == "test split"
     trained = load_trained(scaled_run)
+    assert m["preprocessing"]["clip"] == 5.0  # the manifest says what the graphs do
+    assert m["preprocessing"]["target"] == {"kind": "affine", **{k: trained.spec["target_transform"][k]
+                                                               for k in ("center", "scale")}}
     source = build_source(dict(trained.config.task))
     x, y = source.task_rows(source.split_tasks["test"][0])  # raw rows as the line would publish them
     sx, sy, qx, qy = x[:8], y[:8].astype(np.float32), x[8:30], y[8:30]
