@@ -20,7 +20,8 @@ _PLACE_KEYS = ("path", "data_dir")  # where the data lie is not what they are
 def identity(task_cfg: dict, source) -> dict:
     """Plain data for the checkpoint: split task ids (or None), settings, and the data's fingerprint (or None)."""
     desc = source.describe()
-    opts = getattr(source, "opts", None)  # every built-in source keeps its options dataclass, defaults filled in
+    wrapped = getattr(source, "source", source)  # tasks/featurized.py's wrapper: the same tasks as its source
+    opts = getattr(wrapped, "opts", None)  # every built-in source keeps its options dataclass, defaults filled in
     settings = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(task_cfg)
     settings = {**{k: v for k, v in settings.items() if k not in _PLACE_KEYS}, "name": task_cfg.get("name")}
     return {"split_tasks": desc.get("split_tasks"), "settings": json.loads(json.dumps(settings, default=str)),
