@@ -82,12 +82,18 @@ def _dump_task(args) -> int:
     if args.run and any(not item.startswith("task.") for item in args.set):
         raise ConfigError(f"dump-task --run only takes task.* overrides, not {[i for i in args.set if not i.startswith('task.')]}")
     if args.run:
+        from . import split_guard
         from .trained import load_trained
 
-        task = apply_overrides({"task": dict(load_trained(args.run).config.task)}, args.set)["task"]
+        trained = load_trained(args.run)
+        task = apply_overrides({"task": dict(trained.config.task)}, args.set)["task"]
+        source = build_source(task)
+        # the test split's tasks are unseen only while the split is the run's own (as for eval)
+        note = split_guard.check(trained.split, split_guard.identity(task, source), args.new_tasks)
+        if note:
+            print(note)
     else:
-        task = dict(load_config(args.config, args.set).task)
-    source = build_source(task)
+        source = build_source(dict(load_config(args.config, args.set).task))
     x, y, what = dump_task.task_arrays(source, args.split, args.task, args.rows, args.seed)
     path = dump_task.write(args.out, x, y, source.describe().get("feature_names"))
     print(f"task file: {path} ({what}; x {list(x.shape)}, y {y.dtype})")
@@ -127,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--task", help="a table's task (a value of task_column; default: the split's first)")
     d.add_argument("--rows", type=int, default=500, help="at most this many samples (default 500)")
     d.add_argument("--seed", type=int, default=0, help="which task a synthetic source draws")
+    d.add_argument("--new-tasks", action="store_true", help="with --run: as for eval, accept another split")
     d.add_argument("set", nargs="*", metavar="KEY=VALUE", help="task overrides, e.g. task.path=new.csv")
     d.set_defaults(func=_dump_task)
     return parser

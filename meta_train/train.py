@@ -354,7 +354,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, max_iterations
     stop = cfg.train.iterations if max_iterations is None else min(cfg.train.iterations, start + max_iterations)
     progress = Progress(cfg.train.iterations, start, cfg.train.progress and ddp.is_main, cfg.train.log_every,
                         cfg.train.progress_every_s)
-    running, last_loss, t0 = None, None, time.time()
+    # a resumed run that takes no step still reports the loss it ended with
+    running, last_loss, t0 = state.get("meta_loss_ema"), state.get("meta_loss"), time.time()
     intra_op_threads, task_threads = torch.get_num_threads(), None
     skips = int(state.get("nonfinite_skips", 0)) if resume else 0
     saved = {"iteration": start if resume else None}  # this run's last checkpoint on disk (all finite)

@@ -31,6 +31,10 @@ def test_a_table_task_is_dumped_as_its_raw_rows_in_the_users_units(tmp_path, cap
     assert data["feature_names"].tolist() == ["speed", "feed", "depth"]
     assert main(["dump-task", "--run", str(run), "--out", str(tmp_path / "t2.npz"), "--task", "E999"]) == 3
     assert main(["dump-task", "--run", str(run), "--out", str(tmp_path / "t3.npz"), "train.iterations=3"]) == 2
+    # another split would make "test" tasks the run may have trained on: refused as in eval
+    assert main(["dump-task", "--run", str(run), "--out", str(tmp_path / "t4.npz"), "task.seed=3"]) == 2
+    assert main(["dump-task", "--run", str(run), "--out", str(tmp_path / "t4.npz"), "task.seed=3", "--new-tasks"]) == 0
+    assert "may overlap" in capsys.readouterr().out
 
 
 def test_a_synthetic_source_draws_one_task(tmp_path, capsys):

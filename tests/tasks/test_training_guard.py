@@ -105,3 +105,12 @@ def test_skip_batch_policy_skips_a_bounded_number_of_non_finite_batches(tmp_path
     assert [r["iteration"] for r in skipped] == [4, 9]
     with pytest.raises(NonFiniteError, match="after skipping 2 non-finite batch"):
         train(cfg, tmp_path / "bad", source=PoisonedSource(cfg, {1, 2, 3}))
+
+
+def test_the_skip_count_survives_a_resume(tmp_path):
+    cfg = _cfg("train.on_nonfinite=skip_batch", "train.max_nonfinite_skips=1")
+    train(cfg, tmp_path / "r", max_iterations=6, source=PoisonedSource(cfg, {2}))
+    assert checkpoint.load(tmp_path / "r")["nonfinite_skips"] == 1
+    with pytest.raises(NonFiniteError, match="after skipping 1 non-finite batch"):  # the bound is per run
+        train(cfg, tmp_path / "r", resume=True, source=PoisonedSource(cfg, {1}))
+    assert checkpoint.load(tmp_path / "r")["iteration"] == 6
