@@ -29,6 +29,11 @@ BUNDLE_FILES = ["adapt.onnx", "predict.onnx", "init_state.npy", "model.pt"]
 POPULATION_FILE = "population_state.npy"  # the pooled model's state for predict.onnx (export/population.py)
 DEFAULT_MAX_SUPPORT = 64
 PARITY_TASKS = 20
+# Names what really exists on the device side: the agent's config key (edge_agent/config.py) and the flag of
+# `edge-agent verify`; `edge-agent run` takes only --config.
+UNSIGNED_WARNING = ("meta-export: warning: no --sign-key given; this bundle is UNSIGNED: an agent refuses it "
+                    "unless its config sets bundle.allow_unsigned: true, and `edge-agent verify` unless given "
+                    "--allow-unsigned (development only)")
 
 
 @dataclass
@@ -149,8 +154,7 @@ def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUP
             except (OSError, ValueError) as e:
                 raise SigningKeyError(f"signing with {sign_key} failed: {e}") from e
         else:
-            print("meta-export: warning: no --sign-key given; this bundle is UNSIGNED and a device will "
-                  "refuse it unless started with --allow-unsigned", file=sys.stderr)
+            print(UNSIGNED_WARNING, file=sys.stderr)
         work.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a copying or serving user
         if out.exists():
             shutil.rmtree(out)

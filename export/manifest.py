@@ -52,10 +52,16 @@ def preprocessing(spec: dict) -> dict:
     t = spec.get("input_transform") or {}
     kind = t.get("kind") or "none"
     if kind == "standardize":
-        return {"kind": "standardize", "mean": [float(v) for v in t["mean"]], "std": [float(v) for v in t["std"]]}
-    if kind == "spectrum":
-        return {"kind": "spectrum", "window": int(t["window"]), "bins": int(t["bins"])}
-    return {"kind": "none"}
+        out = {"kind": "standardize", "mean": [float(v) for v in t["mean"]], "std": [float(v) for v in t["std"]]}
+        if t.get("clip") is not None:  # robust scaling: the graphs clip the scaled values
+            out["clip"] = float(t["clip"])
+    elif kind == "spectrum":
+        out = {"kind": "spectrum", "window": int(t["window"]), "bins": int(t["bins"])}
+    else:
+        out = {"kind": "none"}
+    if spec.get("target_transform"):  # the graphs map labels in and predictions out: y_model = (y - center) / scale
+        out["target"] = {k: spec["target_transform"][k] for k in ("kind", "center", "scale")}
+    return out
 
 
 def recommended_k(fns: Functions, max_support: int) -> int:

@@ -17,7 +17,10 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from meta_train.inner import adapt
+from meta_train.scaling import target_affine
 from meta_train.trained import Trained
+
+from .errors import ExportError
 
 
 def _free_size(start: int, stop: int, taken: set[int]) -> int:
@@ -97,6 +100,14 @@ class Functions:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         self.params = {n: p.detach().float() for n, p in trained.params.items()}
         self.lrs = {n: r.detach().float() for n, r in trained.inner_lrs.items()}
+        bad = [n for n, t in {**self.params, **{f"inner rate {k}": v for k, v in self.lrs.items()}}.items()
+               if not bool(torch.isfinite(t).all())]
+        if bad:  # said plainly here, not found later as a parity failure between NaN graphs
+            raise ExportError(f"the checkpoint contains non-finite parameters ({', '.join(bad[:5])}"
+                              f"{', ...' if len(bad) > 5 else ''}): the run diverged; retrain it (docs/tasks.md, "
+                              "task.scaling; a smaller algorithm.inner_lr) or export an earlier finite checkpoint")
+        # Labels in and predictions out are in the user's units; the network works in model units.
+        self.y_center, self.y_scale = target_affine(trained.spec)
         self.layout = StateLayout(self.params)
         self.kind = task_kind(trained)
         self.input_shape = input_shape(trained.spec)
@@ -107,8 +118,18 @@ class Functions:
     def init_state(self) -> torch.Tensor:
         return self.layout.flatten(self.params)
 
+    def to_model_units(self, y):
+        if self.kind == "classification" or (self.y_center, self.y_scale) == (0.0, 1.0):
+            return y
+        return (y - self.y_center) * (1.0 / self.y_scale)
+
+    def to_user_units(self, y):
+        if self.kind == "classification" or (self.y_center, self.y_scale) == (0.0, 1.0):
+            return y
+        return y * self.y_scale + self.y_center
+
     def adapt(self, support_x, support_y, support_w):
-        adapted = adapt(self.model, self.params, self.lrs, support_x, support_y, self.cfg,
+        adapted = adapt(self.model, self.params, self.lrs, support_x, self.to_model_units(support_y), self.cfg,
                         steps=self.steps, support_w=support_w)
         return self.layout.flatten(adapted)
 
@@ -116,7 +137,7 @@ class Functions:
         out = functional_call(self.model, self.layout.unflatten(state), (x,))
         if self.kind == "classification":
             return torch.softmax(out, dim=-1)
-        return out.reshape(out.shape[0])  # [M] even for a spec with squeeze: false
+        return self.to_user_units(out.reshape(out.shape[0]))  # [M] even for a spec with squeeze: false
 
     def example_inputs(self, max_support: int):
         n, m = example_sizes(self.model, self.params, max_support)

@@ -54,6 +54,12 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 5000
     progress: bool = True
+    # Off a terminal, progress is a plain log line at log_every iterations, at most one per this many seconds.
+    progress_every_s: float = 30.0
+    # A non-finite meta-loss or meta-gradient: stop (default), or skip_batch (no outer step for that batch) at
+    # most max_nonfinite_skips times in the whole run before stopping. Either way the parameters stay finite.
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
     # CPU threads (0: torch's intra-op count, one per core by default). With the TorchScript fast path the tasks of
     # a meta-batch are split over them; otherwise they are torch's intra-op threads (see train.meta_threads).
     threads: int = 0
@@ -171,6 +177,10 @@ def validate(cfg: Config) -> Config:
     for name in ("iterations", "meta_batch", "shots", "query"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1")
+    if cfg.train.on_nonfinite not in ("stop", "skip_batch"):
+        raise ConfigError(f"train.on_nonfinite must be stop or skip_batch, got {cfg.train.on_nonfinite!r}")
+    if cfg.train.max_nonfinite_skips < 0 or cfg.train.progress_every_s < 0:
+        raise ConfigError("train.max_nonfinite_skips and train.progress_every_s must be >= 0")
     if cfg.train.threads < 0:
         raise ConfigError("train.threads must be >= 0 (0: one per core)")
     if not isinstance(cfg.task, dict) or "name" not in cfg.task:

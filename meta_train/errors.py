@@ -19,3 +19,9 @@ class DataError(MetaTrainError):
 
 class CheckpointError(MetaTrainError):
     exit_code = 4
+
+
+class NonFiniteError(MetaTrainError):
+    """Training produced a non-finite meta-loss, gradient or parameter; the last finite checkpoint is kept."""
+
+    exit_code = 5

@@ -18,6 +18,7 @@ from torch.func import functional_call, vmap
 from .baselines import pretrain_params, scratch_params
 from .config import BaselineConfig, EvalConfig
 from .inner import adapt, init_inner_lrs, loss_value
+from .scaling import mse_to_user_units
 from .trained import Trained
 
 
@@ -93,6 +94,8 @@ def evaluate(trained: Trained, source, ecfg: EvalConfig, baselines: BaselineConf
         per_method = {}
         for name, (losses, accs) in collected.items():
             losses, accs = torch.cat(losses), torch.cat(accs)
+            if not classification:  # episodes are in model units (task.scaling.target); report the user's
+                losses = losses * mse_to_user_units(trained.spec)
             entry = {
                 "loss": {str(s): summarise(losses[:, s]) for s in ecfg.steps},
                 "loss_curve": [float(v) for v in losses.mean(0)],

@@ -3,7 +3,11 @@
 A spec is plain JSON-able data so that a checkpoint describes its own architecture:
 
     {"in_features": 4, "hidden": [40, 40], "out_features": 1, "activation": "relu",
-     "input_transform": {"kind": "standardize", "mean": [...], "std": [...]}}
+     "input_transform": {"kind": "standardize", "mean": [...], "std": [...]},   # + "clip": c (robust)
+     "target_transform": {"kind": "affine", "center": c, "scale": s}}            # optional, regression
+
+The network itself works in model units, (y - center) / scale: the target transform is applied where labels
+come in and predictions go out (the table source, export/trace.py, eval's reported MSE), never in forward.
 
 Input transforms are fixed buffers, not parameters: the inner loop never touches them, and they travel
 inside every exported graph, so the device applies exactly the workstation's preprocessing.
@@ -18,13 +22,17 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
 class Standardize(nn.Module):
-    def __init__(self, mean, std):
+    """(x - mean) / std, then clipped to [-clip, clip] when a clip is given (robust scaling, meta_train/scaling.py)."""
+
+    def __init__(self, mean, std, clip: float | None = None):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-8))
+        self.clip = None if clip is None else float(clip)
 
     def forward(self, x):
-        return (x - self.mean) / self.std
+        z = (x - self.mean) / self.std
+        return z if self.clip is None else z.clamp(-self.clip, self.clip)
 
 
 class Spectrum(nn.Module):
@@ -59,7 +67,7 @@ def build_input_transform(spec: dict | None) -> nn.Module:
     if not spec or spec.get("kind") in (None, "none"):
         return nn.Identity()
     if spec["kind"] == "standardize":
-        return Standardize(spec["mean"], spec["std"])
+        return Standardize(spec["mean"], spec["std"], spec.get("clip"))
     if spec["kind"] == "spectrum":
         return Spectrum(int(spec["window"]), int(spec["bins"]))
     raise ValueError(f"unknown input transform kind {spec['kind']!r}")

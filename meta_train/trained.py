@@ -25,6 +25,7 @@ class Trained:
     source: dict
     iteration: int
     path: Path
+    split: dict | None = None  # meta_train/split_guard.py's identity; None in checkpoints from before it
 
 
 def load_trained(run: str | Path) -> Trained:
@@ -43,4 +44,5 @@ def load_trained(run: str | Path) -> Trained:
         source=payload["source"],
         iteration=int(payload["iteration"]),
         path=Path(run),
+        split=payload.get("split"),
     )

@@ -10,6 +10,7 @@
       n_way: 3                      # classification only; default = every class
       split: {val: 0.15, test: 0.15}
       seed: 0
+      scaling: {inputs: standard, target: none, clip: 5.0}   # inputs robust|none, target standard|robust
 
 - Tasks (never rows) are split into meta-train / meta-val / meta-test by a seeded shuffle of the task ids.
 - Regression episodes: K support + Q query rows, disjoint. If a task has fewer than K + Q rows the query
@@ -17,7 +18,9 @@
 - Classification episodes: N-way K-shot, a fresh class -> label permutation per episode; every class needs
   K + 1 rows in the task (query rows per class as above). `query` counts rows per class.
 - Tasks that cannot make an episode (too few rows, too few classes) are named in a DataWarning and skipped.
-- Feature mean/std are fitted on the meta-train tasks only and travel in the model as a Standardize.
+- Feature scaling (task.scaling.inputs: standard mean/std by default, robust median/IQR with clipping, or none)
+  and optional target scaling (task.scaling.target) are fitted on the meta-train tasks only and travel in
+  the model spec (meta_train/scaling.py); episodes carry targets in model units, task_rows() the user's.
 - Bad input raises DataError naming the file and the column / row (rows are 1-based data rows; in a CSV
   with a header row, data row r is line r + 1).
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import scaling
 from ..config import from_dict
 from ..errors import ConfigError, DataError
 from . import TaskBatch
@@ -49,6 +53,13 @@ class SplitOptions:
 
 
 @dataclass
+class ScalingOptions:
+    inputs: str = "standard"  # standard | robust | none (meta_train/scaling.py)
+    target: str = "none"  # none | standard | robust (regression only)
+    clip: float | None = 5.0  # robust inputs: scaled values are clipped to [-clip, clip]; null: no clipping
+
+
+@dataclass
 class TableOptions:
     path: str = ""
     task_column: str = ""
@@ -59,6 +70,7 @@ class TableOptions:
     n_way: int | None = None
     split: SplitOptions = field(default_factory=SplitOptions)
     seed: int = 0
+    scaling: ScalingOptions = field(default_factory=ScalingOptions)
 
 
 def _read(path: Path):
@@ -142,6 +154,14 @@ class TableSource:
             raise ConfigError("task.n_way is for kind: classification only")
         if o.n_way is not None and o.n_way < 2:
             raise ConfigError("task.n_way must be >= 2")
+        if o.scaling.inputs not in scaling.INPUT_MODES:
+            raise ConfigError(f"task.scaling.inputs must be one of {scaling.INPUT_MODES}, got {o.scaling.inputs!r}")
+        if o.scaling.target not in scaling.TARGET_MODES:
+            raise ConfigError(f"task.scaling.target must be one of {scaling.TARGET_MODES}, got {o.scaling.target!r}")
+        if o.scaling.target != "none" and o.kind != "regression":
+            raise ConfigError("task.scaling.target is for kind: regression only (class labels are not scaled)")
+        if o.scaling.clip is not None and not o.scaling.clip > 0:
+            raise ConfigError(f"task.scaling.clip must be > 0 or null, got {o.scaling.clip}")
         self.kind = o.kind
         self.loss = "mse" if o.kind == "regression" else "cross_entropy"
         self._warned: set = set()
@@ -226,15 +246,26 @@ class TableSource:
             self.tasks[t] = entry
 
         train_rows = np.concatenate([np.asarray(rows_of[t]) for t in self.split_tasks["train"]])
-        self.mean = x[train_rows].astype(np.float64).mean(0)
-        std = x[train_rows].astype(np.float64).std(0)
-        constant = [f for f, s in zip(features, std) if s < 1e-12]
-        if constant:
-            warnings.warn(f"{path}: feature(s) {constant} are constant over the meta-train tasks; "
-                          "they are passed through unscaled", DataWarning, stacklevel=2)
-        self.std = np.where(std < 1e-12, 1.0, std)
+        # scaling is fitted on the meta-train tasks only: validation and test tasks stay unseen
+        self.input_transform, constant = scaling.fit_inputs(x[train_rows], o.scaling.inputs, o.scaling.clip)
+        if constant.any():
+            warnings.warn(f"{path}: feature(s) {[f for f, c in zip(features, constant) if c]} are constant over "
+                          "the meta-train tasks; they are passed through unscaled", DataWarning, stacklevel=2)
+        if self.input_transform is not None:
+            self.mean, self.std = np.asarray(self.input_transform["mean"]), np.asarray(self.input_transform["std"])
+        self.target_transform = None
+        if self.kind == "regression":
+            self.target_transform = scaling.fit_target(y[train_rows], o.scaling.target)
+            center, scale = scaling.target_affine({"target_transform": self.target_transform})
+            for entry in self.tasks.values():  # episodes are in model units; y_raw keeps the user's (dump-task)
+                entry["y_raw"] = entry["y"]
+                entry["y"] = ((entry["y"].double() - center) / scale).float()
+            y_model = ((y[train_rows].astype(np.float64) - center) / scale).astype(np.float32)
+        else:
+            y_model = y[train_rows]
         self.train_x = torch.from_numpy(x[train_rows])
-        self.train_y = torch.from_numpy(y[train_rows])
+        self.train_y = torch.from_numpy(y_model)
+        self.fingerprint = data_fingerprint(features, x, y, task_of_row)
         if self.kind == "classification":
             for split, tasks in self.split_tasks.items():
                 few = [(t, len(self.tasks[t]["by_class"])) for t in tasks if len(self.tasks[t]["by_class"]) < self.n_way]
@@ -316,15 +347,38 @@ class TableSource:
         return self.train_x[i], self.train_y[i]
 
     def model_spec_defaults(self) -> dict:
-        return {"in_features": len(self.feature_names),
+        spec = {"in_features": len(self.feature_names),
                 "out_features": 1 if self.kind == "regression" else self.n_way,
-                "input_transform": {"kind": "standardize", "mean": self.mean.tolist(), "std": self.std.tolist()}}
+                "input_transform": self.input_transform}
+        if self.target_transform is not None:
+            spec["target_transform"] = self.target_transform
+        return spec
 
     def describe(self) -> dict:
         return {"name": "table", "kind": self.kind, "feature_names": list(self.feature_names),
                 "target_name": self.opts.target, "class_names": self.class_names,
                 "n_way": getattr(self, "n_way", None), "path": str(self.path),
-                "split_tasks": {k: v[:1000] for k, v in self.split_tasks.items()}}
+                "split_tasks": {k: v[:1000] for k, v in self.split_tasks.items()},
+                "scaling": {"inputs": self.opts.scaling.inputs, "target": self.opts.scaling.target,
+                            "clip": self.opts.scaling.clip},
+                "data_fingerprint": self.fingerprint}
+
+    def task_rows(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of one task's rows in the user's units, in file order: what a line would publish (dump-task)."""
+        entry = self.tasks[task]
+        return entry["x"].numpy(), entry.get("y_raw", entry["y"]).numpy()
+
+
+def data_fingerprint(features: list[str], x: np.ndarray, y: np.ndarray, tasks: list[str]) -> str:
+    """sha256 over the parsed values that decide the split and the episodes, not the file's bytes or path:
+    a re-saved or moved file with the same numbers is the same data."""
+    import hashlib
+
+    h = hashlib.sha256("\x1f".join(features).encode())
+    for part in (np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y)):
+        h.update(part.tobytes())
+    h.update("\x1f".join(tasks).encode())
+    return h.hexdigest()
 
 
 def _natural_key(s: str):
