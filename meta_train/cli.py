@@ -47,6 +47,9 @@ def _eval(args) -> int:
     paths = write_reports(results, Path(args.out or args.run), stem=args.stem)
     print(Path(paths["markdown"]).read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
+    if results["skipped"]:  # the other Ks are written above; the exit code still says something was left out
+        print(f"meta-train: error: K={', '.join(results['skipped'])} skipped (see the table); exit 3", file=sys.stderr)
+        return 3
     return 0
 
 

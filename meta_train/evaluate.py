@@ -242,9 +242,6 @@ def evaluate(trained: Trained, source, ecfg: EvalConfig, baselines: BaselineConf
     return results
 
 
-_NAMES = {"meta": "meta", "scratch": "scratch + fine-tune", "pretrain": "pooled (pretrain) + fine-tune"}
-
-
 def budget_lines(results: dict) -> list[str]:
     """The compute each method got and how the rates were chosen: printed under every table."""
     b = results.get("budgets", {})
@@ -278,7 +275,8 @@ def markdown_table(results: dict) -> str:
     steps = results["steps"]
     lines = [
         f"{label}, mean ± 95 % CI over {results['tasks']} {results['split']} episodes ({results['algorithm']}); "
-        "0 steps = the initialisation itself, unadapted",
+        "0 steps = the initialisation itself, unadapted; scratch = a random init, pretrain = the pooled network "
+        "(joint training on every training task), both fine-tuned by plain SGD",
         "",
         "| method | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |",
         "|---|---|" + "---|" * len(steps),
@@ -293,7 +291,7 @@ def markdown_table(results: dict) -> str:
                                median=entry["loss"][str(s)]["median"])
                 lr = entry.get("lr", {}).get(str(s))
                 cells.append(text + (f" (lr {lr:g})" if lr is not None and s > 0 else ""))
-            lines.append(f"| {_NAMES.get(name, name)} | {shots} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {shots} | " + " | ".join(cells) + " |")
     for shots, why in results.get("skipped", {}).items():
         lines.append(f"| (K={shots} skipped) | {shots} | " + " | ".join("–" for _ in steps) + " |")
     lines += ["", "Budgets and selection:", ""] + budget_lines(results)
@@ -313,6 +311,8 @@ def plot(results: dict, path: Path) -> bool:
         return False
     metric = "accuracy_curve" if results["kind"] == "classification" else "loss_curve"
     shots = list(results["by_shots"])
+    if not shots:  # every K skipped: nothing to draw
+        return False
     fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.6), squeeze=False)
     for ax, k in zip(axes[0], shots):
         for name, entry in results["by_shots"][k].items():

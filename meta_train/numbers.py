@@ -17,9 +17,15 @@ def decimals(value: float, sig: int = 3) -> int:
     return max(0, min(12, sig - 1 - math.floor(math.log10(abs(value)))))
 
 
+def _scientific(value: float) -> bool:
+    return value != 0 and math.isfinite(value) and not 1e-6 <= abs(value) < 1e6
+
+
 def sig(value: float, digits: int = 3) -> str:
     if not math.isfinite(value):
         return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if _scientific(value):
+        return f"{value:.{digits - 1}e}"
     return f"{value:.{decimals(value, digits)}f}"
 
 
@@ -30,6 +36,8 @@ def mean_ci(mean: float, ci: float | None, digits: int = 3, diverged: int = 0, n
         count = f"{diverged} of {n} diverged" if n else "diverged"
         tail = f", median {sig(median, digits)}" if median is not None and math.isfinite(median) else ""
         return f"inf ({count}{tail})"
+    if _scientific(mean):  # a blown-up (or vanishing) value: 1.75e+32, never 33 digits
+        return sig(mean, digits) + ("" if ci is None or not math.isfinite(ci) else f" ± {ci:.{digits - 1}e}")
     d = decimals(mean if mean != 0 else (ci or 0.0), digits)
     if ci is None or not math.isfinite(ci):
         return f"{mean:.{d}f}"
