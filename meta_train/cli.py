@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", default="meta,scratch,pretrain")
     e.add_argument("set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. eval.tasks=1000 eval.shots=[5]")
     e.set_defaults(func=_eval)
+
+    from .crossval import add_parser as add_cv  # `meta-train cv`: its flags live with its code
+
+    add_cv(sub)
     return parser
 
 

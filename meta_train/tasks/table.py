@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -225,16 +226,7 @@ class TableSource:
                 entry["by_class"] = {int(c): torch.from_numpy(np.flatnonzero(y[idx] == c)) for c in np.unique(y[idx])}
             self.tasks[t] = entry
 
-        train_rows = np.concatenate([np.asarray(rows_of[t]) for t in self.split_tasks["train"]])
-        self.mean = x[train_rows].astype(np.float64).mean(0)
-        std = x[train_rows].astype(np.float64).std(0)
-        constant = [f for f, s in zip(features, std) if s < 1e-12]
-        if constant:
-            warnings.warn(f"{path}: feature(s) {constant} are constant over the meta-train tasks; "
-                          "they are passed through unscaled", DataWarning, stacklevel=2)
-        self.std = np.where(std < 1e-12, 1.0, std)
-        self.train_x = torch.from_numpy(x[train_rows])
-        self.train_y = torch.from_numpy(y[train_rows])
+        self._fit_train()
         if self.kind == "classification":
             for split, tasks in self.split_tasks.items():
                 few = [(t, len(self.tasks[t]["by_class"])) for t in tasks if len(self.tasks[t]["by_class"]) < self.n_way]
@@ -242,6 +234,32 @@ class TableSource:
                     warnings.warn(f"{path}: skipping {split} task(s) with fewer than n_way={self.n_way} classes: "
                                   + ", ".join(f"{t!r} has {k}" for t, k in few), DataWarning, stacklevel=2)
                     self._warned.update((split, t, "classes") for t, _ in few)
+
+    def _fit_train(self) -> None:
+        """Feature scaling and the pooled rows, from the meta-train tasks only."""
+        train_x = torch.cat([self.tasks[t]["x"] for t in self.split_tasks["train"]])
+        x = train_x.numpy().astype(np.float64)
+        self.mean, std = x.mean(0), x.std(0)
+        constant = [f for f, s in zip(self.feature_names, std) if s < 1e-12]
+        if constant:
+            warnings.warn(f"{self.path}: feature(s) {constant} are constant over the meta-train tasks; "
+                          "they are passed through unscaled", DataWarning, stacklevel=3)
+        self.std = np.where(std < 1e-12, 1.0, std)
+        self.train_x = train_x
+        self.train_y = torch.cat([self.tasks[t]["y"] for t in self.split_tasks["train"]])
+
+    def with_split(self, split_tasks: dict[str, list[str]]) -> "TableSource":
+        """This table with its tasks split as given (cross-validation folds); scaling refitted on the new
+        meta-train tasks, so a held-out task never leaks into it."""
+        named = [t for part in split_tasks.values() for t in part]
+        unknown = sorted(set(named) - set(self.tasks))
+        if unknown or len(named) != len(set(named)) or not split_tasks.get("train"):
+            raise ConfigError(f"a split needs >= 1 train task and each known task at most once (unknown: {unknown})")
+        other = copy.copy(self)
+        other.split_tasks = {k: sorted(split_tasks.get(k, []), key=_natural_key) for k in ("train", "val", "test")}
+        other._warned = set(self._warned)
+        other._fit_train()
+        return other
 
     # --- episodes ---------------------------------------------------------------------------------
     def _usable(self, split: str, shots: int) -> list[str]:
