@@ -6,9 +6,10 @@ For each family: meta-train with its config (configs/quality.yaml, configs/vibra
 `meta-train train --config ...` does (timed), then evaluate on fresh *test* tasks (a seed stream disjoint from
 training): the meta-learned init with its learned inner rates, a random init ("scratch") and a network
 pretrained on pooled training-task samples ("pretrain", new zero head for classification), all adapted
-by the same inner loop on the same tasks, recording the query metric after 0..100 steps. Baselines are
-run at every fine-tune rate of --baseline-lrs and the table shows, per K and step budget, the rate that is
-best on the test tasks (generous to the baselines), and names it.
+by the same inner loop on the same tasks, recording the query metric after 0..100 steps. One call of
+meta_train.evaluate.evaluate (the code of `meta-train eval`), so the baselines are the fair ones: the pooled
+network gets the meta run's per-sample gradient budget with early stopping on validation tasks, and the
+fine-tune rate is chosen from --baseline-lrs per K and step budget on validation tasks, never on test.
 Training is the product path (vibration: Spectrum inside the model); evaluation computes each window's
 Spectrum once (meta_train.tasks.featurized: a parameter-free first layer, so the same function).
 Writes OUT/families.json and OUT/families.md.
@@ -29,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from meta_train.config import load_config  # noqa: E402
-from meta_train.evaluate import evaluate  # noqa: E402
+from meta_train.evaluate import budget_lines, evaluate  # noqa: E402
+from meta_train.numbers import mean_ci  # noqa: E402
 from meta_train.tasks import build_source  # noqa: E402
 from meta_train.tasks.featurized import featurized  # noqa: E402
 from meta_train.train import train  # noqa: E402
@@ -52,65 +54,57 @@ def run_family(name: str, args) -> dict:
     if (trained.spec.get("input_transform") or {}).get("kind") == "spectrum":
         trained, source = featurized(trained, source)  # Spectrum once per window, same function
     ecfg = replace(trained.config.eval, tasks=args.tasks, shots=[1, 5, 10], steps=list(STEPS))
+    bcfg = replace(trained.config.baselines, finetune_lrs=[float(v) for v in (args.baseline_lrs or LRS[name]).split(",")])
     metric = "accuracy" if source.kind == "classification" else "loss"
-    out = {"config": f"configs/{name}.yaml", "algorithm": trained.algorithm.name, "train_s": round(train_s, 1),
-           "iterations": cfg.train.iterations, "metric": metric, "tasks": args.tasks, "query": ecfg.query, "methods": {}}
     t0 = time.time()
-    res = evaluate(trained, source, ecfg, trained.config.baselines, which=("meta",))
-    out["methods"]["meta"] = {k: _entry(per["meta"], metric) for k, per in res["by_shots"].items()}
-    pretrained = {}  # one pretrained network serves every fine-tune rate
-    for lr in [float(v) for v in (args.baseline_lrs or LRS[name]).split(",")]:
-        bcfg = replace(trained.config.baselines, finetune_lr=lr)
-        res = evaluate(trained, source, ecfg, bcfg, which=("scratch", "pretrain"), pretrain_cache=pretrained)
-        for m in ("scratch", "pretrain"):
-            out["methods"].setdefault(m, {"by_lr": {}})["by_lr"][str(lr)] = {
-                k: _entry(per[m], metric) for k, per in res["by_shots"].items()}
-    out["eval_s"] = round(time.time() - t0, 1)
+    res = evaluate(trained, source, ecfg, bcfg)
+    res["budgets"]["pretrain"].pop("val_history", None)
+    out = {"config": f"configs/{name}.yaml", "algorithm": trained.algorithm.name, "train_s": round(train_s, 1),
+           "iterations": cfg.train.iterations, "metric": metric, "tasks": args.tasks, "query": ecfg.query,
+           "eval_s": round(time.time() - t0, 1), "budgets": res["budgets"], "selection": res["selection"],
+           "methods": {m: {k: _entry(per[m], metric) for k, per in res["by_shots"].items()}
+                       for m in ("meta", "scratch", "pretrain")}}
     print(f"{name}: train {train_s:.0f}s, eval {out['eval_s']:.0f}s", flush=True)
     return out
 
 
 def _entry(e: dict, metric: str) -> dict:
-    curve = e[f"{metric}_curve"]
-    return {"curve": [round(v, 5) for v in curve], "ci95": {s: round(v["ci95"], 5) for s, v in e[metric].items()}}
-
-
-def _pick(method: dict, k: str, step: int, lower_is_better: bool):
-    if "by_lr" not in method:
-        return method[k]["curve"][step], method[k]["ci95"].get(str(step)), None
-    items = list(method["by_lr"].items())
-    key = lambda kv: kv[1][k]["curve"][step]  # noqa: E731
-    lr, best = min(items, key=key) if lower_is_better else max(items, key=key)
-    return best[k]["curve"][step], best[k]["ci95"].get(str(step)), lr
+    return {str(s): {"mean": v["mean"], "ci95": v["ci95"], "n": v["n"], "median": v["median"],
+                     "diverged": e["loss"][s]["diverged"], "lr": e.get("lr", {}).get(s)}
+            for s, v in e[metric].items()}
 
 
 def markdown(store: dict) -> str:
-    lines = ["# Synthetic task families: meta-learned init vs scratch vs pretrain + fine-tune", "",
+    lines = ["# Synthetic task families: meta-learned init vs scratch vs pooled pretrain + fine-tune", "",
              "Generated by `benchmarks/family_tables.py` (numbers: `docs/results/families.json`). Command:", "",
              f"    .venv/bin/python {store['command']}", "",
              "Fresh test tasks (a seed stream disjoint from meta-training). Every method is adapted by the same inner",
-             "loop on the same support sets; the meta-learned init uses its learned inner rates, the baselines a fixed",
-             "fine-tune rate: the one from the listed grid that is best on the test tasks for that K and step budget",
-             "(shown in brackets; generous to the baselines).", ""]
-    names = {"meta": "meta-learned init", "scratch": "scratch + fine-tune", "pretrain": "pretrain + fine-tune"}
+             "loop on the same support sets; the meta-learned init uses its learned inner rates. The baselines are the",
+             "fair ones of `meta-train eval`: the pooled network is trained for the meta run's budget in per-sample",
+             "gradients with early stopping on validation tasks, and each baseline's fine-tune rate is chosen per K and",
+             "step budget on validation tasks (never on test; shown in brackets). 0 steps is the initialisation itself.", ""]
+    names = {"meta": "meta-learned init", "scratch": "scratch + fine-tune", "pretrain": "pooled (pretrain) + fine-tune"}
     for fam, e in store["families"].items():
         lower = e["metric"] == "loss"
         unit = "query MSE (quality score²; lower is better)" if lower else "query accuracy (%)"
         scale = 1.0 if lower else 100.0
-        fmt = "{:.3f} ± {:.3f}" if lower else "{:.1f} ± {:.1f}"
         lines += [f"## {fam} ({e['config']}, {e['algorithm']}, {e['iterations']} meta-iterations in {e['train_s']:.0f} s)", "",
                   f"{unit}, mean ± 95 % CI over {e['tasks']} test tasks, {e['query']} query samples"
                   + (" per class" if not lower else "") + " each, after N inner steps.", "",
-                  "| method | K | " + " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in STEPS) + " |",
-                  "|---|---|" + "---|" * len(STEPS)]
+                  "| method | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in (0,) + STEPS) + " |",
+                  "|---|---|" + "---|" * (len(STEPS) + 1)]
         for k in ("1", "5", "10"):
             for m in ("meta", "scratch", "pretrain"):
                 cells = []
-                for s in STEPS:
-                    mean, ci, lr = _pick(e["methods"][m], k, s, lower)
-                    cells.append(fmt.format(mean * scale, (ci or 0) * scale) + (f" (lr {lr})" if lr else ""))
+                for s in (0,) + STEPS:
+                    c = e["methods"][m][k][str(s)]
+                    text = mean_ci(c["mean"] * scale, c["ci95"] * scale, diverged=c["diverged"], n=c["n"],
+                                   median=c["median"] * scale)
+                    cells.append(text + (f" (lr {c['lr']:g})" if c.get("lr") is not None and s > 0 else ""))
                 lines.append(f"| {names[m]} | {k} | " + " | ".join(cells) + " |")
-        lines += ["", f"Evaluation time (all methods, all rates): {e['eval_s']:.0f} s.", ""]
+        lines += ["", "Budgets and selection:", ""]
+        lines += budget_lines({"budgets": e["budgets"], "selection": e["selection"], "split": "test"})
+        lines += ["", f"Evaluation time (all methods, rate selection included): {e['eval_s']:.0f} s.", ""]
     return "\n".join(lines)
 
 
@@ -119,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/results")
     p.add_argument("--families", default="quality,vibration")
     p.add_argument("--tasks", type=int, default=1000)
-    p.add_argument("--baseline-lrs", default=None, help="comma list; default per family")
+    p.add_argument("--baseline-lrs", default=None, help="fine-tune rates tried on validation tasks (comma list; default per family)")
     p.add_argument("--work", default="/tmp/family_tables_runs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("set", nargs="*", help="config overrides for every family, e.g. train.iterations=100")

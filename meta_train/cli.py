@@ -66,6 +66,9 @@ def _eval(args) -> int:
     paths = write_reports(results, Path(args.out or args.run), stem=args.stem)
     print(Path(paths["markdown"]).read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
+    if results["skipped"]:  # the other Ks are written above; the exit code still says something was left out
+        print(f"meta-train: error: K={', '.join(results['skipped'])} skipped (see the table); exit 3", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -136,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--new-tasks", action="store_true", help="with --run: as for eval, accept another split")
     d.add_argument("set", nargs="*", metavar="KEY=VALUE", help="task overrides, e.g. task.path=new.csv")
     d.set_defaults(func=_dump_task)
+
+    from .crossval import add_parser as add_cv  # `meta-train cv`: its flags live with its code
+
+    add_cv(sub)
     return parser
 
 

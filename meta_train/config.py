@@ -77,10 +77,20 @@ class EvalConfig:
 
 @dataclass
 class BaselineConfig:
-    pretrain_iterations: int = 5000
+    # None = the meta-training run's own budget in per-sample gradients (meta_train.baselines.meta_budget), so the
+    # pooled network gets at least the meta-learner's compute; a smaller number is flagged in every table.
+    pretrain_iterations: int | None = None
     pretrain_batch: int = 250
     pretrain_lr: float = 1e-3
-    finetune_lr: float | None = None  # None = the algorithm's inner_lr
+    # Early stopping on the validation tasks: checked every pretrain_val_every iterations (None = budget / 50),
+    # stop after pretrain_patience checks without improvement (0 = never), keep the best checkpoint.
+    pretrain_val_every: int | None = None
+    pretrain_patience: int = 10
+    val_tasks: int = 200  # validation episodes per early-stopping check and per fine-tune rate choice
+    finetune_lr: float | None = None  # None = the algorithm's inner_lr; the centre of the default grid
+    # Fine-tune rates tried on the validation tasks (never on test) per method, K and step count.
+    # None = finetune_lr x [0.1, 0.3, 1, 3].
+    finetune_lrs: list[float] | None = None
 
 
 @dataclass

@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -245,26 +246,9 @@ class TableSource:
                 entry["by_class"] = {int(c): torch.from_numpy(np.flatnonzero(y[idx] == c)) for c in np.unique(y[idx])}
             self.tasks[t] = entry
 
-        train_rows = np.concatenate([np.asarray(rows_of[t]) for t in self.split_tasks["train"]])
-        # scaling is fitted on the meta-train tasks only: validation and test tasks stay unseen
-        self.input_transform, constant = scaling.fit_inputs(x[train_rows], o.scaling.inputs, o.scaling.clip)
-        if constant.any():
-            warnings.warn(f"{path}: feature(s) {[f for f, c in zip(features, constant) if c]} are constant over "
-                          "the meta-train tasks; they are passed through unscaled", DataWarning, stacklevel=2)
-        if self.input_transform is not None:
-            self.mean, self.std = np.asarray(self.input_transform["mean"]), np.asarray(self.input_transform["std"])
-        self.target_transform = None
-        if self.kind == "regression":
-            self.target_transform = scaling.fit_target(y[train_rows], o.scaling.target)
-            center, scale = scaling.target_affine({"target_transform": self.target_transform})
-            for entry in self.tasks.values():  # episodes are in model units; y_raw keeps the user's (dump-task)
-                entry["y_raw"] = entry["y"]
-                entry["y"] = ((entry["y"].double() - center) / scale).float()
-            y_model = ((y[train_rows].astype(np.float64) - center) / scale).astype(np.float32)
-        else:
-            y_model = y[train_rows]
-        self.train_x = torch.from_numpy(x[train_rows])
-        self.train_y = torch.from_numpy(y_model)
+        for entry in self.tasks.values():  # episodes are in model units; y_raw keeps the user's (dump-task)
+            entry["y_raw"] = entry["y"]
+        self._fit_train()
         self.fingerprint = data_fingerprint(features, x, y, task_of_row)
         if self.kind == "classification":
             for split, tasks in self.split_tasks.items():
@@ -273,6 +257,42 @@ class TableSource:
                     warnings.warn(f"{path}: skipping {split} task(s) with fewer than n_way={self.n_way} classes: "
                                   + ", ".join(f"{t!r} has {k}" for t, k in few), DataWarning, stacklevel=2)
                     self._warned.update((split, t, "classes") for t, _ in few)
+
+    def _fit_train(self) -> None:
+        """Input and target scaling and the pooled rows, fitted on the meta-train tasks only: validation,
+        test and (cross-validation) held-out tasks never leak into them."""
+        o = self.opts
+        train = self.split_tasks["train"]
+        train_x = torch.cat([self.tasks[t]["x"] for t in train])
+        self.input_transform, constant = scaling.fit_inputs(train_x.numpy(), o.scaling.inputs, o.scaling.clip)
+        if constant.any():
+            warnings.warn(f"{self.path}: feature(s) {[f for f, c in zip(self.feature_names, constant) if c]} are "
+                          "constant over the meta-train tasks; they are passed through unscaled", DataWarning, stacklevel=3)
+        if self.input_transform is not None:
+            self.mean, self.std = np.asarray(self.input_transform["mean"]), np.asarray(self.input_transform["std"])
+        self.target_transform = None
+        if self.kind == "regression":
+            raw = torch.cat([self.tasks[t]["y_raw"] for t in train]).numpy()
+            self.target_transform = scaling.fit_target(raw, o.scaling.target)
+            center, scale = scaling.target_affine({"target_transform": self.target_transform})
+            for entry in self.tasks.values():
+                entry["y"] = ((entry["y_raw"].double() - center) / scale).float()
+        self.train_x = train_x
+        self.train_y = torch.cat([self.tasks[t]["y"] for t in train])
+
+    def with_split(self, split_tasks: dict[str, list[str]]) -> "TableSource":
+        """This table with its tasks split as given (cross-validation folds); scaling refitted on the new
+        meta-train tasks, so a held-out task never leaks into it."""
+        named = [t for part in split_tasks.values() for t in part]
+        unknown = sorted(set(named) - set(self.tasks))
+        if unknown or len(named) != len(set(named)) or not split_tasks.get("train"):
+            raise ConfigError(f"a split needs >= 1 train task and each known task at most once (unknown: {unknown})")
+        other = copy.copy(self)
+        other.split_tasks = {k: sorted(split_tasks.get(k, []), key=_natural_key) for k in ("train", "val", "test")}
+        other._warned = set(self._warned)
+        other.tasks = {t: dict(e) for t, e in self.tasks.items()}  # _fit_train rescales "y": not the original's
+        other._fit_train()
+        return other
 
     # --- episodes ---------------------------------------------------------------------------------
     def _usable(self, split: str, shots: int) -> list[str]:
