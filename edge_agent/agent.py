@@ -7,6 +7,8 @@ published and before any of its incoming messages is acknowledged; so after a cr
 broker redelivers (dedupe by sample id makes that harmless) or the outbox re-sends.
 
 Model swaps (bundle commands, rollback, SIGHUP reload, watch_dir) are in lifecycle.py, mixed in.
+Per-sample policies live in their own modules, called from here: a known sample id (sample_ids.py),
+labels that come before their sample (early_labels.py), the bound on contexts (contexts.py, via state.py).
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def _expect_error(topic: str, payload: bytes, schema: Schema, seen: set) -> bool
             return False
         if topic == "labels":
             parse_label(obj, schema)
-            return True  # never-seen ids only
+            return True  # never-seen ids only: held, then unknown_sample_id after limits.early_label_ttl_s
         if topic == "context":
             parse_context(obj)
             return False
@@ -216,7 +216,8 @@ def test_fuzzed_payloads_are_reported_not_fatal_and_memory_stays_bounded(tmp_pat
     nf = bundle.n_features
     schema = Schema(FEATURES[:nf] if bundle.x is None or nf == len(FEATURES) else [str(i) for i in range(nf)],
                     (nf,), bundle.task_kind)
-    agent = agent_factory(write_config(tmp_path, broker, bundle)).start(line)
+    # ghost labels (never-seen ids) are held for their sample, reported once their time is up
+    agent = agent_factory(write_config(tmp_path, broker, bundle, **{"limits.early_label_ttl_s": 0.5})).start(line)
     rng = np.random.default_rng(1234)
     good = _xs(bundle, 1)[0]
     seen: set = set()

@@ -88,7 +88,7 @@ def test_agent_notify_lifecycle(tmp_path, bundle, notify, agent_factory):
             assert wait_until(lambda: "reconnecting" in _statuses(notify), 15), _statuses(notify)
             broker.start()
             assert wait_until(lambda: _statuses(notify)[-1].startswith("online, model "), 20), _statuses(notify)
-            line.sample("s-1", np.zeros(bundle.n_features))
+            line.sample("s-1", np.zeros(bundle.n_features), label=bundle.label(0))  # a context exists once labelled
             assert line.wait_predictions(["s-1"], 15)
             assert wait_until(lambda: _statuses(notify)[-1].endswith(", 1 contexts"), 5), _statuses(notify)
 
