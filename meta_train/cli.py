@@ -152,6 +152,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except MetaTrainError as e:
         print(f"meta-train: error: {e}", file=sys.stderr)
+        if args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from .train import leave_worker
+
+            leave_worker(e.exit_code)  # every rank stops alike (e.g. one non-finite average); see leave_worker
         return e.exit_code
     except KeyboardInterrupt:
         return 130

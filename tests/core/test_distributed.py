@@ -44,3 +44,25 @@ def test_trainer_runs_unchanged_under_torchrun(tmp_path):
     assert ddp["iteration"] == one["iteration"] == 20
     for n in one["params"]:
         assert torch.allclose(ddp["params"][n], one["params"][n], atol=1e-5), n
+
+
+def test_a_non_finite_average_stops_every_rank_alike(tmp_path):
+    """The glitch row is in one rank's shard; the averaged meta-gradient is NaN on both, and both stop."""
+    sys.path.insert(0, str(REPO / "tests" / "tasks"))
+    from spiky_table import write_spiky_csv
+
+    csv_path = write_spiky_csv(tmp_path / "mill.csv")
+    args = [f"task.path={csv_path}", "task.name=table", "task.task_column=exp", "task.target=target",
+            "model.hidden=[16]", "algorithm.inner_steps=5", "algorithm.inner_lr=0.3", "train.iterations=60",
+            "train.meta_batch=8", "train.shots=10", "train.query=10", "train.meta_lr=0.003",
+            "train.checkpoint_every=5", "train.progress=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "meta_train", "train", "--out", str(tmp_path / "ddp"), *args],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert out.returncode != 0
+    errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "meta-train: error: non-finite" in ln]
+    assert len(errors) == 2 and len({ln.split(" at iteration ")[1].split(":")[0] for ln in errors}) == 1, errors
+    assert "exitcode  : 5" in out.stdout + out.stderr  # torchrun's report of the ranks' exit code
+    kept = checkpoint.load(tmp_path / "ddp")
+    assert all(bool(torch.isfinite(p).all()) for p in kept["params"].values())
