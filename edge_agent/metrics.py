@@ -45,10 +45,12 @@ class Metrics:
             "prediction_latency_seconds", "Sample received to prediction published",
             namespace=ns, registry=r, buckets=PREDICT_BUCKETS,
         )
-        self.support_size = Gauge("support_size", "Support-set size per context (contexts beyond "
-                                  "max_context_labels: 'other', the latest of them)", ["context"], namespace=ns, registry=r)
+        self.support_size = Gauge(
+            "support_size", "Support-set size per context (beyond max_context_labels: 'other', the latest of them)",
+            ["context"], namespace=ns, registry=r,
+        )
         self.model = Info("model", "Loaded model bundle", namespace=ns, registry=r)
-        self.queue_depth = Gauge("queue_depth", "Messages received and waiting for the worker", namespace=ns, registry=r)
+        self.queue_depth = Gauge("queue_depth", "Messages received, waiting for the worker", namespace=ns, registry=r)
         self.outbox = Gauge("outbox_size", "Predictions committed and not yet confirmed by the broker",
                             namespace=ns, registry=r)
         self.connected = Gauge("connected", "1 while the broker connection is up", namespace=ns, registry=r)

@@ -170,3 +170,21 @@ def test_unit_file_turns_telemetry_off_and_allows_only_the_broker():
     dropin = _unit_settings(REPO / "deploy" / "systemd" / "edge-agent.service.d" / "broker.conf")
     assert list(dropin) == ["IPAddressAllow"]  # the drop-in adds the broker, nothing else
 
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_unit_and_broker_dropin_pass_systemd_analyze_verify(tmp_path):
+    """systemd parses every line (a misspelt or invalid IPAddress* line is only a warning at boot and
+    would leave the agent unfiltered). ExecStart points at /bin/true: the venv is not installed here."""
+    unit = (REPO / "deploy" / "systemd" / "edge-agent.service").read_text()
+    dropin = _unit_settings(REPO / "deploy" / "systemd" / "edge-agent.service.d" / "broker.conf")
+    unit = re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", unit, flags=re.M)
+    # the drop-in's [Service] lines, merged the way systemd would
+    merged = unit.replace("IPAddressAllow=localhost\n", "IPAddressAllow=localhost\n" + "".join(
+        f"{k}={v}\n" for k, vs in dropin.items() for v in vs))
+    assert merged != unit
+    path = tmp_path / "edge-agent.service"
+    path.write_text(merged)
+    r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    out = (r.stdout + r.stderr).strip()
+    assert r.returncode == 0 and out == "", out
