@@ -262,7 +262,9 @@ def main(argv=None) -> int:
         if args.merge_from:  # e.g. a second sweep run in parallel with --out elsewhere
             other = json.loads(Path(args.merge_from).read_text())
             for key, entry in other["entries"].items():
-                store["entries"].setdefault(key, {"methods": {}})["methods"].update(entry["methods"])
+                mine = store["entries"].setdefault(key, {"methods": {}})
+                mine["methods"].update(entry["methods"])
+                mine.update({k: v for k, v in entry.items() if k in ("budgets", "selection")})
             store["commands"] += [c for c in other["commands"] if c not in store["commands"]]
             store["commands"].append(" ".join(["benchmarks/cwru_benchmark.py"] + (argv if argv is not None else sys.argv[1:])))
             path.write_text(json.dumps(store, indent=1))

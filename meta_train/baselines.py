@@ -68,6 +68,9 @@ def pretrain(spec: dict, source, iterations: int, batch: int, lr: float, seed: i
     `val_every` iterations (default iterations / 50), stops after `patience` checks without improvement
     (0: never) and returns the best checked parameters. A non-finite validation score never counts as best.
     """
+    if iterations is None:  # baselines.pretrain_iterations: null means "match the meta run", which needs the run
+        raise ValueError("pretrain iterations is None: pass a number, e.g. matched_iterations(meta_budget(...), batch), "
+                         "or use meta_train.evaluate.pooled_model(trained, source, baselines, eval_config)")
     classification = source.kind == "classification"
     pre_spec = dict(spec)
     if classification:

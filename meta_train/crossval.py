@@ -95,34 +95,42 @@ def task_scores(res: dict, inner_steps: int) -> dict:
 
 
 def verdict(per_task: dict[str, dict], kind: str, k: str) -> dict:
-    """Task-level comparison at one K: mean gain of meta over pooled with a t-interval over tasks."""
+    """Task-level comparison at one K, with a Student-t interval over the held-out tasks.
+
+    Regression: the per-task log ratio ln(pooled MSE / meta MSE), reported as a factor (geometric mean over
+    tasks): tasks whose errors differ by orders of magnitude then count alike, and one task the pooled model
+    extrapolates badly cannot decide the verdict alone. Classification: the difference in accuracy points."""
     rows = [v[k] for v in per_task.values() if k in v]
     n = len(rows)
-    sign = -1.0 if kind == "classification" else 1.0  # gain > 0 = meta better (lower loss / higher accuracy)
-    gains = torch.tensor([sign * (r["pooled"] - r["meta"]) for r in rows], dtype=torch.float64)
-    pooled = torch.tensor([r["pooled"] for r in rows], dtype=torch.float64)
-    mean = float(gains.mean()) if n else math.nan
-    half = t975(n - 1) * float(gains.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
+    if kind == "classification":
+        gains = [r["meta"] - r["pooled"] for r in rows]
+    else:
+        gains = [math.log(max(r["pooled"], 1e-300) / max(r["meta"], 1e-300)) for r in rows]
+    g = torch.tensor(gains, dtype=torch.float64)
+    mean = float(g.mean()) if n else math.nan
+    half = t975(n - 1) * float(g.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
     lo, hi = mean - half, mean + half
-    unit = " points of accuracy" if kind == "classification" else " MSE"
-    scale = 100.0 if kind == "classification" else 1.0
-    ci = f"95 % CI over {n} held-out task{'s' if n != 1 else ''} [{sig(lo * scale)}, {sig(hi * scale)}]"
-    rel = ""
-    if kind != "classification" and n and float(pooled.mean()) > 0:
-        share = 100 * mean / float(pooled.mean())
-        rel = f", {sig(abs(share), 2)} % {'lower' if share >= 0 else 'higher'} MSE than the pooled model's"
+    where = f"95 % CI over {n} held-out task{'s' if n != 1 else ''}"
+    if kind == "classification":
+        size = f"{sig(100 * mean)} points of accuracy"
+        ci = f"{where} [{sig(100 * lo)}, {sig(100 * hi)}]"
+    else:
+        size = f"a factor {sig(math.exp(mean))} in query MSE (geometric mean over tasks)"
+        ci = f"{where} x{sig(math.exp(lo))} to x{sig(math.exp(hi))}"
+    wins = sum(1 for x in gains if x > 0)
     helps = n > 1 and math.isfinite(lo) and lo > 0
     if helps:
-        line = f"K={k}: meta-learning helps on your data by {sig(mean * scale)}{unit}{rel} ({ci})"
+        line = f"K={k}: meta-learning helps on your data by {size} ({ci}; better on {wins} of {n} tasks)"
     else:
-        line = (f"K={k}: a pooled model is as good or better: use it (meta-learning's gain "
-                f"{sig(mean * scale)}{unit}{rel}, {ci})")
+        line = (f"K={k}: a pooled model is as good or better: use it (meta-learning's gain: {size}, {ci}, "
+                f"which does not exclude no gain; better on {wins} of {n} tasks)")
     notes = []
     if n < 5:
         notes.append(f"only {n} held-out task{'s' if n != 1 else ''}: a t-interval over so few tasks is wide, and "
                      "it is over tasks, not episodes: more tasks (lines, machines) is what narrows it")
-    return {"k": k, "n_tasks": n, "mean_gain": mean, "ci95": [lo, hi], "meta_helps": helps, "line": line,
-            "notes": notes}
+    return {"k": k, "n_tasks": n, "mean_gain": mean, "ci95": [lo, hi], "meta_helps": helps, "wins": wins,
+            "scale": "accuracy difference" if kind == "classification" else "log MSE ratio pooled/meta",
+            "line": line, "notes": notes}
 
 
 def plan(cfg: Config, source, splits: list[dict]) -> dict:

@@ -53,18 +53,19 @@ def test_folds_hold_every_task_out_once_and_never_validate_on_it():
 
 
 def test_the_interval_is_over_tasks_with_a_t_quantile():
-    per_task = {f"T{i}": {"5": {"meta": 1.0, "pooled": 1.0 + g}} for i, g in enumerate([0.1, 0.3, 0.2, 0.4])}
+    ratios = np.array([1.5, 3.0, 2.0, 4.0])  # pooled MSE / meta MSE per held-out task
+    per_task = {f"T{i}": {"5": {"meta": 0.1, "pooled": 0.1 * r}} for i, r in enumerate(ratios)}
     v = verdict(per_task, "regression", "5")
-    gains = np.array([0.1, 0.3, 0.2, 0.4])
-    half = 3.182 * gains.std(ddof=1) / 2  # t(0.975, 3 df), 4 tasks
-    assert v["n_tasks"] == 4 and v["ci95"] == pytest.approx([gains.mean() - half, gains.mean() + half])
-    assert v["meta_helps"] and "meta-learning helps on your data by 0.250 MSE" in v["line"]
+    logs = np.log(ratios)
+    half = 3.182 * logs.std(ddof=1) / 2  # t(0.975, 3 df), 4 tasks
+    assert v["n_tasks"] == 4 and v["ci95"] == pytest.approx([logs.mean() - half, logs.mean() + half])
+    assert v["meta_helps"] and f"helps on your data by a factor {np.exp(logs.mean()):.2f}" in v["line"]
     assert "only 4 held-out tasks" in v["notes"][0]
-    # the same mean gain from two noisy tasks does not clear zero: the pooled model is recommended
-    noisy = {"A": {"5": {"meta": 1.0, "pooled": 1.6}}, "B": {"5": {"meta": 1.0, "pooled": 0.9}}}
-    v = verdict(noisy, "regression", "5")
-    assert not v["meta_helps"] and "a pooled model is as good or better: use it" in v["line"]
-    # classification: higher accuracy is the gain
+    # one task where the pooled model fails badly does not decide it: the others favour the pooled model
+    skewed = {"A": {"5": {"meta": 1.0, "pooled": 50.0}}, **{f"B{i}": {"5": {"meta": 1.0, "pooled": 0.8}} for i in range(5)}}
+    v = verdict(skewed, "regression", "5")
+    assert not v["meta_helps"] and "a pooled model is as good or better: use it" in v["line"] and v["wins"] == 1
+    # classification: higher accuracy is the gain, in points
     acc = {f"T{i}": {"1": {"meta": 0.9, "pooled": 0.7 + 0.01 * i}} for i in range(6)}
     assert verdict(acc, "classification", "1")["meta_helps"]
 
