@@ -55,6 +55,19 @@ def wait_port(port: int, proc, seconds: float = 10) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
+def dump_vibration_tasks(out: Path, tasks: int, parts: int, config: Path) -> None:
+    """Unseen test machines, parts of random condition, labelled with the global class index."""
+    import torch
+
+    from export.population import global_label_tasks
+    from meta_train.tasks import build_source
+
+    source = build_source(dict((yaml.safe_load(config.read_text()) or {})["task"]))
+    for i in range(tasks):
+        x, y = global_label_tasks(source, "test", 1, parts, torch.Generator().manual_seed(500_000 + i))
+        np.savez(out / f"line{i:04d}.npz", x=x[0].numpy().astype(np.float32), y=y[0].numpy().astype(np.int64))
+
+
 def dump_quality_tasks(out: Path, tasks: int, parts: int, config: Path, scenario: str = "stationary") -> None:
     """Unseen test lines. stationary: one line per file. changeover: the line changes over to another
     unseen product halfway, without telling the agent (no context message). drift: the process drifts
@@ -126,10 +139,10 @@ def through_agent(work: Path, bundle: Path, tasks, coverage: float, args):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default="quality", choices=["quality"],
-                    help="only regression families have a population model so far")
+    ap.add_argument("--family", default="quality", choices=["quality", "vibration"],
+                    help="vibration: classification (error rate; no intervals or alarms)")
     ap.add_argument("--run", help="an existing run directory (default: train one with --config)")
-    ap.add_argument("--config", default="configs/quality.yaml")
+    ap.add_argument("--config", default=None, help="default: configs/<family>.yaml")
     ap.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     ap.add_argument("--tasks", type=int, default=100)
     ap.add_argument("--parts", type=int, default=300)
@@ -146,6 +159,8 @@ def main() -> int:
                     help="changeover: each line changes product halfway unannounced; drift: slowly (default stationary)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     args = ap.parse_args()
+    args.config = args.config or f"configs/{args.family}.yaml"
+    metric = "error rate" if args.family == "vibration" else "MSE"
 
     from edge_agent.model import Model, load_manifest
     from edge_agent.simulate_many import (alarm_markdown, alarm_rows, interval_markdown, load_tasks, markdown,
@@ -163,7 +178,10 @@ def main() -> int:
         sh(BIN / "meta-export", "--run", run, "--out", bundle)
     tasks_dir = work / "tasks"
     tasks_dir.mkdir(exist_ok=True)
-    dump_quality_tasks(tasks_dir, args.tasks, args.parts, REPO / args.config, args.scenario)
+    if args.family == "vibration":
+        dump_vibration_tasks(tasks_dir, args.tasks, args.parts, REPO / args.config)
+    else:
+        dump_quality_tasks(tasks_dir, args.tasks, args.parts, REPO / args.config, args.scenario)
 
     tasks = load_tasks(tasks_dir)
     runs = {c: through_agent(work / f"cov{c}", bundle, tasks, c, args) for c in args.coverages}
@@ -179,17 +197,17 @@ def main() -> int:
         what = (f"{args.tasks} unseen test lines x {args.parts} parts ({args.scenario}) through the edge agent (support "
                 f"{args.support_size}, labels {args.label_delay} parts late, predictions.coverage {c})")
         if c == args.coverages[0]:
-            md += markdown(rows, f"### {args.family}: errors, {what}; query MSE, mean ± 95 % CI over lines") + "\n"
+            md += markdown(rows, f"### {args.family}: errors, {what}; {metric}, mean ± 95 % CI over lines", metric) + "\n"
             md += f"Predictions missing: {missing}.\n\n"
-        md += interval_markdown(rows, c, f"### {args.family}: intervals at {c:.0%}, {what}; coverage mean ± "
+        md += "" if args.family == "vibration" else interval_markdown(rows, c, f"### {args.family}: intervals at {c:.0%}, {what}; coverage mean ± "
                                          "95 % CI over lines") + f"\nPredictions missing: {missing}.\n\n"
-        if c == args.coverages[0]:
+        if c == args.coverages[0] and args.family == "quality":
             arows = alarm_rows(scored, alarmed, args.spec_lower, None, thresholds=(0.5,))
             result["alarms"] = arows
             md += alarm_markdown(arows, f"### {args.family}: scrap detection (spec: quality >= {args.spec_lower}), {what}",
                                  args.alarm_threshold, (0.5,)) + "\n"
     curves = model.manifest["predictors"]["expected_error"]
-    md += (f"Validation curves in the manifest ({curves['tasks']} val tasks): population MSE "
+    md += (f"Validation curves in the manifest ({curves['tasks']} val tasks): population {curves['metric']} "
            f"{curves['population']:.4g}; adapted at K=0/1/2/5/10: "
            + "/".join(f"{curves['adapted'][k]:.4g}" for k in (0, 1, 2, 5, 10) if k < len(curves["adapted"]))
            + f". Wall time {time.time() - t0:.0f} s.\n")

@@ -23,7 +23,7 @@ from . import manifest as manifest_mod
 from . import onnx_export, parity, population, torchscript
 from .errors import ExportError, SigningKeyError
 from .signing import MANIFEST_NAME, SIGNATURE_NAME, load_private_key, sign_manifest
-from .trace import Functions, task_kind, trace
+from .trace import Functions, trace
 
 BUNDLE_FILES = ["adapt.onnx", "predict.onnx", "init_state.npy", "model.pt"]
 POPULATION_FILE = "population_state.npy"  # the pooled model's state for predict.onnx (export/population.py)
@@ -77,7 +77,7 @@ def _prepare_destination(out: Path) -> None:
 
 def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUPPORT, steps: int | None = None,
                   parity_tasks: int = PARITY_TASKS, optimize: bool = True, population_model: bool | None = None,
-                  pooled: bool = False, log=print) -> Exported:
+                  pooled: bool = False, population_tasks: int = population.VAL_TASKS, log=print) -> Exported:
     """`population_model`: ship the pooled model next to the meta-init, with the expected-error curves
     the device picks its predictor by (None: for regression runs). `pooled`: the bundle IS the pooled
     model (fine-tuned on the device at the baseline's rate), for a run whose verdict is "use a pooled model"."""
@@ -93,17 +93,20 @@ def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUP
     trained = load_trained(run)
     auto = population_model is None
     if auto:
-        population_model = task_kind(trained) == "regression" and not pooled
+        population_model = not pooled
     source = pooled_p = None
     if population_model or pooled:
         try:
             source = population.source_of(trained)
+            why = population.unsupported(trained, source)
         except Exception as e:  # noqa: BLE001 - any source failure (missing data file, unknown name) means the same
+            source, why = None, f"the run's task source cannot be built here ({e})"
+        if why is not None:
             if pooled or not auto:
-                raise ExportError(f"the pooled model needs the run's task source, which cannot be built here: {e}") from e
+                raise ExportError(f"no pooled / population model for this run: {why}")
             source = None
-            print(f"meta-export: warning: no population model in this bundle: the run's task source cannot be "
-                  f"built here ({e}); the device will use the meta-init / adapted model only", file=sys.stderr)
+            print(f"meta-export: warning: no population model in this bundle: {why}; the device will use the "
+                  "meta-init / adapted model only", file=sys.stderr)
     if source is not None:
         log(f"training the pooled model ({trained.config.baselines.pretrain_iterations} iterations, "
             f"batch {trained.config.baselines.pretrain_batch})")
@@ -141,9 +144,9 @@ def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUP
                 np.save(work / pop_file, pop_state.numpy().astype(np.float32), allow_pickle=False)
                 files.append(pop_file)
             curves = population.expected_errors(fns, fns.init_state() if pooled else pop_state, source, max_support,
-                                                seed=int(trained.config.seed))
+                                                tasks=population_tasks, seed=int(trained.config.seed))
             predictors = manifest_mod.predictors(pop_file, curves, trained.config.baselines)
-            log(f"expected MSE on {curves['tasks']} validation tasks: population {curves['population']:.4g}, "
+            log(f"expected {curves['metric']} on {curves['tasks']} validation tasks: population {curves['population']:.4g}, "
                 + ", ".join(f"K={k} {curves['adapted'][k]:.4g}" for k in (0, 1, 5, 10) if k <= max_support))
         manifest = manifest_mod.build(fns, work, max_support=max_support, parity=result.to_manifest(),
                                       files=files, predictors=predictors)

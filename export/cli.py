@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the run's pooled model (pretrain on all training tasks, fine-tuned on the device) "
                         "instead of the meta-learned one: for a run whose verdict is 'use a pooled model'")
     p.add_argument("--no-population", action="store_true",
-                   help="do not ship the population model and expected-error curves (regression bundles have "
-                        "them by default; the device then always uses the meta-init / adapted model)")
+                   help="do not ship the population model and expected-error curves (bundles have them by default "
+                        "where the task family allows: regression, vibration; the device then always uses the "
+                        "meta-init / adapted model)")
     return p
 
 

@@ -137,7 +137,30 @@ def test_run_without_a_buildable_source_exports_without_population(quality_run, 
     r = export_bundle(quality_run, tmp_path / "b", max_support=4, parity_tasks=2, log=lambda *_: None)
     assert "predictors" not in r.manifest and not (r.path / "population_state.npy").exists()
     assert "no population model" in capsys.readouterr().err
-    with pytest.raises(ExportError, match="task source"):
+    with pytest.raises(ExportError, match="task source cannot be built"):
         export_bundle(quality_run, tmp_path / "c", max_support=4, parity_tasks=2, population_model=True,
                       log=lambda *_: None)
     assert not (tmp_path / "c").exists()
+
+
+def test_vibration_classification_gets_a_population_model_with_a_global_head(tmp_path):
+    """Classification: the pooled body with a head for the global classes (the baseline's zero head
+    would predict uniform probabilities), error-rate curves on validation machines, no quantiles."""
+    from edge_agent.model import Model
+    from meta_train.config import load_config
+    from meta_train.train import train
+
+    run = tmp_path / "vib"
+    train(load_config(str(REPO / "configs" / "vibration.yaml"),
+                      ["train.iterations=2", "train.meta_batch=2", "train.progress=false", "train.checkpoint_every=0",
+                       "model.hidden=[16]", "baselines.pretrain_iterations=30", "baselines.pretrain_batch=32"]), run)
+    r = export_bundle(run, tmp_path / "b", max_support=4, parity_tasks=2, population_tasks=30, log=lambda *_: None)
+    curves = r.manifest["predictors"]["expected_error"]
+    assert curves["metric"] == "error_rate" and "abs_residual_quantiles" not in curves
+    assert len(curves["adapted"]) == 5 and 0 <= curves["population"] <= 1 and curves["tasks"] == 30
+    # the fitted head beats chance (0.75 for 4 classes) on validation machines; a zero head would not
+    assert curves["population"] < 0.6
+    m = Model(str(r.path), r.manifest)
+    assert m.predictors.has_population and m.predictors.quantiles is None
+    probs = m.predict(m.predictors.population_state, np.zeros((2, 1024), np.float32))
+    assert probs.shape == (2, 4) and not np.allclose(probs, 0.25)
