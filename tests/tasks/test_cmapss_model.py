@@ -89,21 +89,24 @@ def test_model_kind_is_validated(tmp_path):
         load_config(cfg)
 
 
-def test_trainer_meta_trains_a_cnn_on_cmapss(cmapss_dir, tmp_path):
-    from meta_train.config import from_dict, validate, Config
-    from meta_train.trained import load_trained
-    from meta_train.train import train
+def test_shipped_cmapss_config_trains_and_evaluates_a_cnn(cmapss_dir, tmp_path, capsys):
+    from pathlib import Path
 
-    cfg = validate(from_dict(Config, {
-        "task": {"name": "cmapss", "data_dir": cmapss_dir, "sources": ["FD001"], "target": "FD003", "window": 16,
-                 "windows_per_unit": 4},
-        "model": {"kind": "cnn1d", "channels": [4, 4], "kernel": 5, "hidden": [16], "activation": "tanh"},
-        "algorithm": {"name": "metasgd", "inner_steps": 1, "inner_lr": 0.01},
-        "train": {"iterations": 3, "meta_batch": 2, "shots": 2, "query": 8, "progress": False,
-                  "checkpoint_every": 0, "threads": 1}}))
-    train(cfg, tmp_path / "run")
+    from meta_train.cli import main
+    from meta_train.trained import load_trained
+
+    cfg = str(Path(__file__).resolve().parents[2] / "configs" / "cmapss.yaml")
+    small = [f"task.data_dir={cmapss_dir}", "task.sources=[FD001]", "task.target=FD003", "task.window=16",
+             "task.windows_per_unit=4", "model.channels=[4,4]", "model.kernel=5", "model.hidden=[16]",
+             "train.iterations=3", "train.meta_batch=2", "train.shots=2", "train.query=8", "train.progress=false",
+             "train.threads=1"]
+    assert main(["train", "--config", cfg, "--out", str(tmp_path / "run"), *small]) == 0
     run = load_trained(tmp_path / "run")
     assert run.spec["kind"] == "cnn1d" and run.spec["window"] == 16 and run.spec["channels"] == [4, 4]
     assert run.params["conv.1.weight"].shape == (4, 14, 5)
     assert run.spec["target_transform"] == {"kind": "affine", "center": 0.0, "scale": 125.0}
     assert all(torch.isfinite(p).all() for p in run.params.values())
+    assert main(["eval", "--run", str(tmp_path / "run"), "eval.tasks=2", "eval.shots=[1]", "eval.steps=[1]",
+                 "eval.query=8", "eval.chunk=2", "baselines.pretrain_iterations=2", "baselines.pretrain_batch=8",
+                 "baselines.val_tasks=2", "baselines.finetune_lrs=[0.1]"]) == 0
+    assert "| meta | 1 |" in capsys.readouterr().out
