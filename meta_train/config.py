@@ -20,8 +20,11 @@ ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp")
 
 @dataclass
 class ModelConfig:
-    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    kind: str = "mlp"  # mlp | cnn1d (windows of cycles x sensors, meta_train/cnn.py)
+    hidden: list[int] = field(default_factory=lambda: [40, 40])  # cnn1d: the dense layers after the convolutions
     activation: str = "relu"
+    channels: list[int] = field(default_factory=lambda: [10, 10, 10, 10])  # cnn1d only: Conv1d widths
+    kernel: int = 10  # cnn1d only: Conv1d kernel length along time
 
 
 @dataclass
@@ -182,6 +185,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("algorithm.inner_steps must be >= 1")
     if a.lr_mode is not None and a.lr_mode not in ("fixed", "per_param", "per_layer_per_step"):
         raise ConfigError(f"algorithm.lr_mode must be fixed, per_param or per_layer_per_step, got {a.lr_mode!r}")
+    if cfg.model.kind not in ("mlp", "cnn1d"):
+        raise ConfigError(f"model.kind must be mlp or cnn1d, got {cfg.model.kind!r}")
     if cfg.train.schedule not in ("constant", "cosine"):
         raise ConfigError(f"train.schedule must be constant or cosine, got {cfg.train.schedule!r}")
     for name in ("iterations", "meta_batch", "shots", "query"):

@@ -100,7 +100,11 @@ class MLP(nn.Module):
         return out.squeeze(-1) if self.spec["out_features"] == 1 and self.spec.get("squeeze", True) else out
 
 
-def build_model(spec: dict) -> MLP:
+def build_model(spec: dict) -> nn.Module:
+    if spec.get("kind", "mlp") == "cnn1d":
+        from .cnn import CNN1D  # windows of cycles x sensors (meta_train/cnn.py)
+
+        return CNN1D(spec)
     return MLP(spec)
 
 
@@ -111,12 +115,10 @@ def head_names(params: dict) -> list[str]:
 def init_params(model: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Fresh parameters with PyTorch's default Linear init, drawn from `generator` for reproducibility."""
     params = {}
-    for name, p in model.named_parameters():
-        fan_in = p.shape[-1] if p.dim() == 2 else None
-        if p.dim() == 2:
-            bound = (1.0 / fan_in) ** 0.5
-        else:
-            weight = dict(model.named_parameters())[name.rsplit(".", 1)[0] + ".weight"]
-            bound = (1.0 / weight.shape[-1]) ** 0.5
+    named = dict(model.named_parameters())
+    for name, p in named.items():
+        # fan-in of the layer's weight: in_features for Linear, in_channels x kernel for Conv1d
+        weight = p if p.dim() >= 2 else named[name.rsplit(".", 1)[0] + ".weight"]
+        bound = (1.0 / weight[0].numel()) ** 0.5
         params[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) * bound
     return params

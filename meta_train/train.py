@@ -27,7 +27,11 @@ from .tasks import build_source
 
 
 def model_spec(cfg: Config, source) -> dict:
-    return {**source.model_spec_defaults(), "hidden": list(cfg.model.hidden), "activation": cfg.model.activation}
+    m = cfg.model
+    spec = {**source.model_spec_defaults(), "hidden": list(m.hidden), "activation": m.activation}
+    if m.kind == "cnn1d":
+        spec.update(kind="cnn1d", channels=list(m.channels), kernel=m.kernel)
+    return spec
 
 
 def meta_lr_at(cfg: Config, iteration: int) -> float:

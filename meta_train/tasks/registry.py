@@ -12,6 +12,7 @@ SOURCES = {
     "vibration": "vibration:VibrationSource",
     "cwru": "cwru:CWRUSource",
     "table": "table:TableSource",
+    "cmapss": "cmapss:CMAPSSSource",
 }
 
 

@@ -49,3 +49,15 @@ def _one_thread(monkeypatch):
 
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def cmapss_dir():
+    from meta_train.tasks.cmapss import default_data_dir as cmapss_default
+
+    path = cmapss_default()
+    if not path or not (Path(path) / "train_FD001.txt.gz").exists():
+        if os.environ.get("CI"):  # as for CWRU: in CI a skipped test is a failure in disguise
+            pytest.fail(f"C-MAPSS data not found at {path!r}: CI needs it (../shared/data/cmapss)")
+        pytest.skip("C-MAPSS data not found (../shared/data/cmapss)")
+    return path
