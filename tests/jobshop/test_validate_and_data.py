@@ -114,3 +114,18 @@ def test_core_imports_neither_torch_nor_gymnasium():
             words = line.strip().split()
             if words[:1] in (["import"], ["from"]):
                 assert not {"torch", "meta_train", "export"} & {w.split(".")[0] for w in words[1:2]}, path.name
+
+
+def test_rules_benchmark_prints_our_gaps_next_to_l2d(taillard_dir, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import jobshop_rules
+
+    out = tmp_path / "r.json"
+    assert jobshop_rules.main(["--data-dir", str(taillard_dir), "--sizes", "15x15", "--schemes", "non_delay",
+                               "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 15x15 | 25.9 | 54.8 |" in text  # SPT ours (non-delay) | SPT in the L2D paper (its Table 3)
+    import json
+
+    saved = json.loads(out.read_text())
+    assert saved["makespans"]["non_delay"]["SPT"]["ta01"] == 1462
