@@ -61,10 +61,9 @@ def main(argv=None) -> int:
     leaves = {k: v.clone() for k, v in init.items()}
     opt = torch.optim.Adam(list(leaves.values()), lr=args.lr)
     curve, updates, t0 = [], 0, time.perf_counter()
-    train_shops = family.shops("train", 100_000, seed=args.seed)
+    train_shops = family.iter_shops("train", seed=args.seed)
     while time.perf_counter() - t0 < args.seconds:
-        shops = train_shops[updates * args.batch:(updates + 1) * args.batch]
-        instances = [s.sample(rng) for s in shops]
+        instances = [next(train_shops).sample(rng) for _ in range(args.batch)]
         params = {k: v.detach() for k, v in leaves.items()}
         eps, advs, mks = self_critical(model, params, instances, args.scheme, gen)
         g = policy_gradient(model, params, eps, advs)
