@@ -29,10 +29,25 @@ from meta_train.dispatch_rl import ScoringPolicy, adapt_step, greedy_makespans, 
 from shopfloor import run_rule  # noqa: E402
 from shopfloor.generators import ShopFamily  # noqa: E402
 from shopfloor.rules import RULES  # noqa: E402
+from shopfloor.taillard import load_bounds, load_instances  # noqa: E402
 
 
 def gap(makespans, instances) -> float:
     return 100.0 * float(np.mean([mk / inst.trivial_lower_bound() - 1 for mk, inst in zip(makespans, instances)]))
+
+
+def taillard_gaps(model, params, args) -> dict:
+    bounds = load_bounds(args.taillard_dir)
+    out = {}
+    for size in args.taillard_sizes:
+        names = [n for n in sorted(bounds) if f"{bounds[n]['jobs']}x{bounds[n]['machines']}" == size]
+        insts = load_instances(args.taillard_dir, names)
+        best = {n: bounds[n]["upper_bound"] for n in names}
+        pol = greedy_makespans(model, params, list(insts.values()), args.scheme)
+        rule = [run_rule(i, "FDD/MWKR", args.scheme)[0] for i in insts.values()]
+        out[size] = {"policy": 100 * float(np.mean([m / best[n] - 1 for m, n in zip(pol, names)])),
+                     "FDD/MWKR": 100 * float(np.mean([m / best[n] - 1 for m, n in zip(rule, names)]))}
+    return out
 
 
 def main(argv=None) -> int:
@@ -48,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--test-shops", type=int, default=10)
     ap.add_argument("--eval-instances", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--taillard-dir", default=None, help="also run the pretrained greedy policy on Taillard")
+    ap.add_argument("--taillard-sizes", nargs="+", default=["15x15", "20x15", "20x20", "30x15", "30x20"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -61,10 +78,9 @@ def main(argv=None) -> int:
     leaves = {k: v.clone() for k, v in init.items()}
     opt = torch.optim.Adam(list(leaves.values()), lr=args.lr)
     curve, updates, t0 = [], 0, time.perf_counter()
-    train_shops = family.shops("train", 100_000, seed=args.seed)
+    train_shops = family.iter_shops("train", seed=args.seed)
     while time.perf_counter() - t0 < args.seconds:
-        shops = train_shops[updates * args.batch:(updates + 1) * args.batch]
-        instances = [s.sample(rng) for s in shops]
+        instances = [next(train_shops).sample(rng) for _ in range(args.batch)]
         params = {k: v.detach() for k, v in leaves.items()}
         eps, advs, mks = self_critical(model, params, instances, args.scheme, gen)
         g = policy_gradient(model, params, eps, advs)
@@ -104,9 +120,15 @@ def main(argv=None) -> int:
         print(f"| {name} | " + " | ".join(f"{np.mean(by[e]):.1f}" for e in args.adapt_episodes) + " |")
     for r, g in rule_gaps.items():
         print(f"| rule {r} | " + " | ".join(f"{np.mean(g):.1f}" for _ in args.adapt_episodes) + " |")
+    taillard = taillard_gaps(model, pretrained, args) if args.taillard_dir else {}
+    if taillard:
+        print(f"\nTaillard, pretrained policy without adaptation, scheme {args.scheme}: mean gap to best-known (%)\n")
+        print("| size | policy | best rule here (FDD/MWKR) |\n|---|---|---|")
+        for size, row in taillard.items():
+            print(f"| {size} | {row['policy']:.1f} | {row['FDD/MWKR']:.1f} |")
     if args.out:
         args.out.write_text(json.dumps({"command": "benchmarks/jobshop_rl.py " + " ".join(argv or sys.argv[1:]),
-                                        "updates": updates, "curve": curve,
+                                        "updates": updates, "curve": curve, "taillard_gap_percent": taillard,
                                         "gap_percent": {n: {str(e): float(np.mean(v)) for e, v in by.items()}
                                                         for n, by in rows.items()},
                                         "rule_gap_percent": {r: float(np.mean(g)) for r, g in rule_gaps.items()}},

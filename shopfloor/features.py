@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from shopfloor.dispatch import Dispatcher
+from shopfloor.rules import fdd_over_mwkr
 
 FEATURE_NAMES = (
     "duration",  # processing time of the operation
@@ -31,7 +32,6 @@ def candidate_features(d: Dispatcher) -> np.ndarray:
     scale = float(inst.durations.mean()) * inst.n_ops
     live = c.unfinished
     t0 = c.est[live].min() if live.any() else 0
-    mwkr = np.maximum(c.remaining_work, 1)
     cols = [
         c.duration / scale,
         (c.est - t0) / scale,
@@ -39,7 +39,7 @@ def candidate_features(d: Dispatcher) -> np.ndarray:
         c.remaining_work / scale,
         c.remaining_ops / inst.n_ops,
         c.machine_load / scale,
-        (c.done_work + c.duration) / mwkr,
+        fdd_over_mwkr(c),
         (c.est + c.remaining_work) / max(d.lower_bound(), 1),
         np.full(inst.n_jobs, d.steps / (inst.n_jobs * inst.n_ops)),
     ]

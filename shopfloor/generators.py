@@ -12,6 +12,8 @@ Durations: a work content drawn from the distribution, divided by the machine's 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,10 +105,14 @@ class ShopFamily:
             bottleneck_machine=int(rng.integers(m)), bottleneck_factor=float(rng.uniform(1.5, 3.0)), name=name,
         )
 
-    def shops(self, split: str, count: int, seed: int = 0) -> list[ShopSpec]:
-        """`count` shops of a split; "train" and "test" come from disjoint seed streams."""
+    def iter_shops(self, split: str, seed: int = 0) -> Iterator[ShopSpec]:
+        """An endless stream of shops of a split; "train" and "test" come from disjoint seed streams."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        stream = np.random.SeedSequence(seed, spawn_key=(0 if split == "train" else 1,))
-        rng = np.random.default_rng(stream)
-        return [self.sample_shop(rng, name=f"{split}-{i}") for i in range(count)]
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0 if split == "train" else 1,)))
+        for i in itertools.count():
+            yield self.sample_shop(rng, name=f"{split}-{i}")
+
+    def shops(self, split: str, count: int, seed: int = 0) -> list[ShopSpec]:
+        """The first `count` shops of `iter_shops(split, seed)`."""
+        return list(itertools.islice(self.iter_shops(split, seed), count))

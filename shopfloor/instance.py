@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: == on numpy fields would be ambiguous
 class JobShopInstance:
     """`machines[j, k]` and `durations[j, k]` describe the k-th operation of job j (route order).
 
@@ -20,7 +20,6 @@ class JobShopInstance:
     durations: np.ndarray
     n_machines: int
     name: str = ""
-    meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         m = np.asarray(self.machines)

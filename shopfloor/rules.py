@@ -24,7 +24,8 @@ def _mwkr(c: Candidates) -> np.ndarray:
     return -c.remaining_work.astype(float)
 
 
-def _fdd_mwkr(c: Candidates) -> np.ndarray:
+def fdd_over_mwkr(c: Candidates) -> np.ndarray:
+    """Flow due date (job work up to and including the operation) over work remaining (operation included)."""
     return (c.done_work + c.duration) / np.maximum(c.remaining_work, 1)
 
 
@@ -32,7 +33,7 @@ def _mopnr(c: Candidates) -> np.ndarray:
     return -c.remaining_ops.astype(float)
 
 
-RULES = {"SPT": _spt, "MWKR": _mwkr, "FDD/MWKR": _fdd_mwkr, "MOPNR": _mopnr}
+RULES = {"SPT": _spt, "MWKR": _mwkr, "FDD/MWKR": fdd_over_mwkr, "MOPNR": _mopnr}
 
 
 def choose(rule: str, d: Dispatcher) -> int:
