@@ -1,6 +1,6 @@
 """The population model and the expected-error curves a device uses to pick its predictor (issue 13).
 
-The population model is the pooled network of `meta_train.baselines.pretrain_params` (trained on
+The population model is the pooled network of `meta_train.evaluate.pooled_model` (the fair baseline eval reports) (trained on
 samples pooled over every training task). It has the meta-model's architecture and state layout, so
 it ships as a second state vector for the same `predict.onnx`: the same input transform inside the
 graph, the same output units, by construction.
@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from torch.func import functional_call, vmap
 
-from meta_train.baselines import pretrain_params
+from meta_train.evaluate import pooled_model
 from meta_train.inner import init_inner_lrs, loss_value
 from meta_train.tasks import build_source
 from meta_train.trained import Trained
@@ -53,10 +53,9 @@ def unsupported(trained: Trained, source) -> str | None:
 
 
 def pooled_params(trained: Trained, source) -> dict[str, torch.Tensor]:
-    """The pooled (pretrain-on-all-training-tasks) network with the run's baseline budget."""
-    b = trained.config.baselines
-    params = pretrain_params(trained.spec, source, b.pretrain_iterations, b.pretrain_batch, b.pretrain_lr,
-                             trained.config.seed + SEED_OFFSET)
+    """The pooled (pretrain-on-all-training-tasks) network exactly as eval's fair baseline trains it: the meta
+    run's compute budget (or baselines.pretrain_iterations), early-stopped on the validation tasks."""
+    params, _ = pooled_model(trained, source, trained.config.baselines, trained.config.eval)
     if source.kind == "classification":
         params = _fit_global_head(trained, source, params)
     bad = [n for n, p in params.items() if not torch.isfinite(p).all()]
