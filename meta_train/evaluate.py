@@ -264,8 +264,10 @@ def budget_lines(results: dict) -> list[str]:
                      f"{count(p['sample_gradient_evals_budget'])} per-sample gradients{fair}; {stop}")
     sel = results.get("selection")
     if sel:
+        where = (f"never on {results['split']}" if results["split"] != "val" else
+                 "and this table reports that same validation split, so the baselines' rates are tuned on it")
         lines.append(f"- fine-tune rates of the baselines chosen per K and step count on {sel['tasks']} validation "
-                     f"episodes (never on {results['split']}) from {sel['finetune_lrs']}; the chosen rate is in brackets")
+                     f"episodes ({where}) from {sel['finetune_lrs']}; the chosen rate is in brackets")
         for k, note in sel.get("notes", {}).items():
             lines.append(f"- K={k}: {note}")
     return lines

@@ -78,7 +78,7 @@ def test_meta_training_beats_both_baselines_on_sinusoid(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "train.iterations=1500", "train.progress=false"]) == 0
     assert main(["eval", "--run", str(run), "eval.tasks=200", "eval.shots=[10]", "eval.steps=[1,10]",
-                 "baselines.pretrain_iterations=500"]) == 0
+                 "baselines.pretrain_iterations=500", "baselines.val_tasks=50"]) == 0
     results = json.loads((run / "eval.json").read_text())["by_shots"]["10"]
     meta = results["meta"]["loss"]["10"]["mean"]
     assert meta < results["scratch"]["loss"]["10"]["mean"]
