@@ -84,8 +84,8 @@ class TimedSession:
         return getattr(self.sess, k)
 
 
-def stream(model: Model, bundle: str, key: str | None, labels: str, n: int, feats: list) -> float:
-    """CPU ms per sample of the worker for n samples."""
+def stream(model: Model, bundle: str, key: str | None, labels: str, n: int, feats: list, probe=None) -> float:
+    """CPU ms per sample of the worker for n samples; `probe()` (timed on its own) runs after every batch."""
     with tempfile.TemporaryDirectory() as d:
         cfg = config_from_dict({"topic_prefix": PREFIX, "state_dir": d, "adaptation": {"adapt_every": 1},
                                 "bundle": {"dir": bundle, "public_key": key, "allow_unsigned": key is None}})
@@ -100,12 +100,15 @@ def stream(model: Model, bundle: str, key: str | None, labels: str, n: int, feat
             msgs.append((f"{PREFIX}/samples", json.dumps(o).encode()))
             if labels == "topic":
                 msgs.append((f"{PREFIX}/labels", json.dumps({"id": f"s{i}", "label": y}).encode()))
-        t = time.process_time()
+        dt = 0.0
         for j in range(0, len(msgs), 256):
+            t = time.process_time()
             for k, (topic, payload) in enumerate(msgs[j:j + 256]):
                 agent._on_message(topic, payload, j + k + 1, 1, 1)
             agent._process(agent._take(0))
-        dt = time.process_time() - t
+            dt += time.process_time() - t
+            if probe is not None:
+                probe()
         agent.store.close()
     return dt / n * 1e3
 
@@ -139,14 +142,19 @@ def main(argv=None) -> int:
         def run(out, feeds, opts, _r=model._adapt.run):
             return _r(out, feeds)
 
-    def graph_alone(calls=3000):
-        """CPU ms of one adapt graph call, alone in a tight loop."""
-        for _ in range(200):
-            run([model._adapt_out], feeds, None)
+    alone = [0.0, 0]  # CPU seconds, calls
+
+    def graph_alone(calls=40):
+        """The adapt graph alone in a tight loop, between the streams' batches: timed at the same
+        moments as the streams, so that a shared machine's changing load hits both alike."""
         t = time.process_time()
         for _ in range(calls):
             run([model._adapt_out], feeds, None)
-        return (time.process_time() - t) / calls * 1e3
+        alone[0] += time.process_time() - t
+        alone[1] += calls
+
+    for _ in range(200):
+        run([model._adapt_out], feeds, None)
 
     stream(model, bundle, key, "none", 300, feats)  # warm-up
     if hasattr(model, "_adapt_run"):  # the call the agent makes
@@ -156,12 +164,14 @@ def main(argv=None) -> int:
         timed = model._adapt = TimedSession(model._adapt)
     runs = []
     for _ in range(args.repeats):  # each repeat's ratio from its own three streams: the load they share cancels
-        r = {"alone": graph_alone()}
+        r = {}
+        alone[:] = [0.0, 0]
         for mode in ("none", "inline", "topic"):
             timed.t, timed.n = 0.0, 0
-            r[mode] = stream(model, bundle, key, mode, args.n, feats)
+            r[mode] = stream(model, bundle, key, mode, args.n, feats, graph_alone)
             if timed.n:
                 r[f"graph_{mode}"] = timed.t / timed.n * 1e3
+        r["alone"] = alone[0] / alone[1] * 1e3
         r["graph"] = (r["graph_inline"] + r["graph_topic"]) / 2
         runs.append(r)
 
