@@ -72,7 +72,7 @@ class _Item(NamedTuple):
     dup: bool = False  # MQTT DUP flag: the broker redelivers what it had sent us before
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     sample: Sample
     ctx: str
@@ -157,7 +157,10 @@ class Agent(ModelLifecycle):
         self.queue.append(_Item(self._topics.get(topic, "?"),
                                 payload if size <= self.cfg.limits.max_payload_bytes else None,
                                 size, mid, qos, gen, time.monotonic(), dup))
-        self._wake.set()
+        # Event.set takes a lock and notifies even when already set (~1 us a message). Skipping it then
+        # is safe: the worker clears the event before it re-checks the queue and waits (_take).
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _online_payload(self) -> bytes:
         return json.dumps({"status": "online", "model_version": self.model.version, "context": self.state.current,
