@@ -11,9 +11,9 @@ The target (issue 12 item 15): a labelled part costs at most 2 adapt graph calls
 its sample (parse, predict, publish, journal, PUBACK record) plus its label (join, adapt, journal): the
 CPU per sample of a labelled stream. The graph call: the bundle's adapt graph alone, in a tight loop,
 on a support set of the agent's size K (what every adaptation after the first K labels runs), through
-the same onnxruntime entry point the agent calls. Reported, each as the median over --repeats and its
-range [min, max], every repeat's ratio from its own streams and graph loop (run one after the other,
-so a shared machine's load hits them alike):
+the same onnxruntime entry point the agent calls, 40 calls after each batch of every stream (so that
+a shared machine's changing load hits the graph and the streams alike). Reported, each as the median
+over --repeats and its range [min, max], every repeat's ratio from its own streams and graph calls:
 - labelled_part_in_graph_calls: CPU per sample of the labelled stream / the graph alone (the target);
 - extra_per_label_in_graph_calls: (labelled - unlabelled stream) / the graph as timed inside the agent
   (the session wrapped where the agent calls it): what a label adds on top of its sample.
