@@ -72,7 +72,7 @@ class _Item(NamedTuple):
     dup: bool = False  # MQTT DUP flag: the broker redelivers what it had sent us before
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     sample: Sample
     ctx: str
@@ -157,7 +157,10 @@ class Agent(ModelLifecycle):
         self.queue.append(_Item(self._topics.get(topic, "?"),
                                 payload if size <= self.cfg.limits.max_payload_bytes else None,
                                 size, mid, qos, gen, time.monotonic(), dup))
-        self._wake.set()
+        # Event.set takes a lock and notifies even when already set (~1 us a message). Skipping it then
+        # is safe: the worker clears the event before it re-checks the queue and waits (_take).
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _online_payload(self) -> bytes:
         return json.dumps({"status": "online", "model_version": self.model.version, "context": self.state.current,
@@ -510,7 +513,8 @@ class Agent(ModelLifecycle):
         if c.n_labels < pol.min_labels or c.since_adapt < pol.adapt_every or not c.support:
             return
         self._dirty.discard(ctx)
-        xs, ys = c.support_arrays()
+        n = len(c.support)
+        xs, ys = c.support_arrays(y_dtype=getattr(self.model, "y_dtype", None))  # a test stub has none
         t0 = time.perf_counter()
         try:
             new = self.model.adapt(xs, ys)
@@ -519,9 +523,9 @@ class Agent(ModelLifecycle):
             self._report("labels", PayloadError("adapt_failed", f"adaptation failed: {e}"))
             return
         dt = time.perf_counter() - t0
-        self._record({"t": "a", "c": ctx, "s": Derived(new), "n": len(c.support)}, records)
-        log.debug("adapted context %r on %d labelled samples in %.1f ms", ctx, len(c.support), dt * 1e3)
-        self.obs.on_adapt(dt, len(c.support), ctx)
+        self._record({"t": "a", "c": ctx, "s": Derived(new), "n": n}, records)
+        log.debug("adapted context %r on %d labelled samples in %.1f ms", ctx, n, dt * 1e3)
+        self.obs.on_adapt(dt, n, ctx)
 
     def _predict(self, group: list[_Pending], records: list[dict], out: list) -> None:
         ctx = group[0].ctx
@@ -531,7 +535,9 @@ class Agent(ModelLifecycle):
         n_support = c.adapted_on if adapted else 0
         source, state = predictors.of(self.model).choose(c.state if adapted else None, n_support, self.model.init_state)
         try:
-            y = self.model.predict(state, np.array([p.sample.x for p in group]))
+            # A labelled sample is a group of one (its label must not reach its own prediction).
+            x = group[0].sample.x[None] if len(group) == 1 else np.array([p.sample.x for p in group])
+            y = self.model.predict(state, x)
         except Exception as e:  # noqa: BLE001 - a model failure is reported per sample, not fatal
             log.exception("prediction failed")
             for p in group:

@@ -41,11 +41,12 @@ class ContextState:
     def __post_init__(self):
         self.support = deque(self.support, maxlen=self.k)
 
-    def support_arrays(self, support=None) -> tuple[np.ndarray, np.ndarray]:
+    def support_arrays(self, support=None, y_dtype=None) -> tuple[np.ndarray, np.ndarray]:
         """(xs [n, *F] float32, ys [n]) oldest first: what the adapt graph takes. np.array rather than
-        np.stack: the same array for equal-shape vectors at a fifth of the cost, paid per label."""
+        np.stack: the same array for equal-shape vectors at a fifth of the cost, paid per label; ys
+        built as `y_dtype` (the graph's) rather than converted after."""
         sup = self.support if support is None else support
-        return np.array([x for _, x, _ in sup]), np.array([y for _, _, y in sup])
+        return np.array([x for _, x, _ in sup]), np.array([y for _, _, y in sup], y_dtype)
 
 
 class Contexts(OrderedDict):

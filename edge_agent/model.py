@@ -106,7 +106,7 @@ class Model:
         self._adapt = ort_session(d / "adapt.onnx")
         self._predict = ort_session(d / "predict.onnx")
         self._check_signatures()
-        self._y_dtype = np.int64 if self.task_kind == "classification" else np.float32
+        self.y_dtype = np.int64 if self.task_kind == "classification" else np.float32
         self._weights: dict[int, np.ndarray] = {}  # support size -> support_w (all ones)
 
     def _check_signatures(self) -> None:
@@ -126,20 +126,27 @@ class Model:
 
     def adapt(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """Support set (most recent last) -> adapted state. Keeps the newest max_support samples."""
-        xs, ys = xs[-self.max_support:], ys[-self.max_support:]
+        xs, ys = np.asarray(xs), np.asarray(ys)
         n = len(xs)
+        if n > self.max_support:
+            xs, ys, n = xs[-self.max_support:], ys[-self.max_support:], self.max_support
         w = self._weights.get(n)
         if w is None:  # one per support size, not one per label
             w = self._weights[n] = np.ones(n, dtype=np.float32)
-        feeds = {
-            "support_x": np.ascontiguousarray(xs, dtype=np.float32).reshape((n,) + self.input_shape),
-            "support_y": np.ascontiguousarray(ys, dtype=self._y_dtype),
-            "support_w": w,
-        }
-        state = self._adapt_run([self._adapt_out], feeds, None)[0]
-        state = np.asarray(state, dtype=np.float32).reshape(-1)
-        # One float64 reduction instead of isfinite().all() (a label pays it): NaN/inf propagate into it.
-        if state.shape != (self.state_size,) or not math.isfinite(state.sum(dtype=np.float64)):
+        # A label pays this call: conversions only where needed (the worker's support arrays are already
+        # float32 and contiguous: ContextState.support_arrays).
+        if xs.dtype != np.float32 or not xs.flags.c_contiguous:
+            xs = np.ascontiguousarray(xs, dtype=np.float32)
+        if xs.shape[1:] != self.input_shape:
+            xs = xs.reshape((n,) + self.input_shape)
+        if ys.dtype != self.y_dtype:
+            ys = ys.astype(self.y_dtype)
+        state = self._adapt_run([self._adapt_out], {"support_x": xs, "support_y": ys, "support_w": w}, None)[0]
+        if state.dtype != np.float32:
+            state = state.astype(np.float32)
+        state = state.reshape(-1)
+        # One float64 reduction instead of isfinite().all(): NaN/inf propagate into it.
+        if state.shape[0] != self.state_size or not math.isfinite(_sum64(state)):
             # A diverged inner loop must not replace a usable state; the caller keeps the old one.
             raise FloatingPointError("adaptation produced a non-finite or mis-shaped state")
         return state
@@ -148,7 +155,7 @@ class Model:
         """Test-load: adapt on a zero support set and predict zeros; BundleError unless both work and
         give finite, well-shaped outputs. Run before a bundle replaces the one serving."""
         x = np.zeros((2,) + self.input_shape, np.float32)
-        y = np.zeros(2, self._y_dtype)
+        y = np.zeros(2, self.y_dtype)
         try:
             state = self.adapt(x, y)
             for s in (self.init_state, state):
@@ -162,6 +169,11 @@ class Model:
     def predict(self, state: np.ndarray, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape((-1,) + self.input_shape)
         return self._predict_run([self._predict_out], {"state": state, "x": x}, None)[0]
+
+
+def _sum64(a: np.ndarray) -> float:
+    """The float64 sum of `a` (ndarray.sum's Python wrapper costs more than the sum of a state)."""
+    return np.add.reduce(a, dtype=np.float64)
 
 
 def _fast_run(session):

@@ -170,7 +170,8 @@ def _to_array(v: Any, sid: str | None) -> np.ndarray:
 def _all_finite(x: np.ndarray) -> bool:
     # One reduction instead of isfinite().all(): NaN/inf propagate into the float64 sum, and a float64
     # sum of float32 values cannot overflow.
-    return math.isfinite(x.sum(dtype=np.float64))
+    # np.add.reduce: ndarray.sum's Python wrapper costs more than the sum of a feature vector.
+    return math.isfinite(np.add.reduce(x.reshape(-1), dtype=np.float64))
 
 
 def _from_map(feats: dict, schema: Schema, sid: str | None) -> np.ndarray:

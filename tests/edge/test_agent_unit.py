@@ -359,3 +359,44 @@ def test_adapted_state_not_journaled_but_rederived_after_a_crash(tmp_path):
     _send(b, "samples", {"id": "r4", "features": [0, 1]})
     assert _predictions(b)[-1]["adapted"] and _predictions(b)[-1]["n_support"] == 3
     b.store.close()
+
+
+def test_adapt_takes_any_layout_and_refuses_a_diverged_state(linear_model, tmp_path):
+    """Model.adapt converts only where needed (issue 12 item 15): float64, non-contiguous, list and
+    shaped inputs give the state of the float32 contiguous ones; beyond max_support the newest are
+    kept; a diverged inner loop (a real graph with a huge step) raises instead of serving inf."""
+    from linear_bundle import LinearFamily, make_linear_bundle
+
+    fam = LinearFamily()
+    x, y = fam.sample(fam.sample_task(3), 80, seed=2)
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    m = linear_model
+    ref = m.adapt(x[:10], y[:10])
+    wide = np.zeros((10, 8), np.float32)
+    wide[:, ::2] = x[:10]  # a strided view: not contiguous
+    for xs, ys in [(x[:10].astype(np.float64), y[:10].astype(np.float64)), (wide[:, ::2], y[:10]),
+                   (x[:10].tolist(), y[:10].tolist()), (x[:10].reshape(10, 1, 4), y[:10])]:
+        np.testing.assert_array_equal(m.adapt(xs, ys), ref)
+    np.testing.assert_array_equal(m.adapt(x[:80], y[:80]), m.adapt(x[16:80], y[16:80]))  # max_support 64
+    d = make_linear_bundle(tmp_path / "diverging", fam, lr=1e30)
+    bad = Model(str(d), load_manifest(str(d), None, True))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        bad.adapt(x[:10], y[:10] * 1e6)
+
+
+def test_a_message_wakes_the_worker_whether_or_not_its_event_was_set(tmp_path):
+    """_on_message sets the wake event only when it is clear (issue 12 item 15): a message that
+    arrives after the worker cleared it still wakes the worker at once."""
+    a = _agent(tmp_path, StubModel())
+    a._on_message(f"{PREFIX}/samples", b'{"id": "a", "features": [1, 2]}', 1, 1, 1)
+    assert a._wake.is_set()
+    a._on_message(f"{PREFIX}/samples", b'{"id": "b", "features": [1, 2]}', 2, 1, 1)  # already set: kept
+    assert a._wake.is_set() and len(a._take(5.0)) == 2
+    a._wake.clear()  # as _take does before it waits
+    t = threading.Thread(target=lambda: (time.sleep(0.2), a._on_message(
+        f"{PREFIX}/samples", b'{"id": "c", "features": [1, 2]}', 3, 1, 1)))
+    t.start()
+    t0 = time.monotonic()
+    batch = a._take(5.0)
+    t.join()
+    assert [it.mid for it in batch] == [3] and time.monotonic() - t0 < 2.0
