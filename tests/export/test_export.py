@@ -27,10 +27,12 @@ MANIFEST_FIELDS = {
 def _check_bundle(path, kind: str):
     m = json.loads((path / "manifest.json").read_text())
     assert MANIFEST_FIELDS <= set(m)
-    assert set(m["files"]) == set(BUNDLE_FILES)
+    # runs whose task source is available here also ship the population model (export/population.py)
+    files = BUNDLE_FILES + (["population_state.npy"] if "predictors" in m else [])
+    assert set(m["files"]) == set(files)
     for name, digest in m["files"].items():
         assert file_sha256(path / name) == digest
-    assert sorted(p.name for p in path.iterdir()) == sorted(BUNDLE_FILES + ["manifest.json"] +
+    assert sorted(p.name for p in path.iterdir()) == sorted(files + ["manifest.json"] +
                                                            (["manifest.sig"] if (path / "manifest.sig").exists() else []))
     assert m["task_kind"] == kind and len(m["model_version"]) == 16
     init = np.load(path / "init_state.npy", allow_pickle=False)
@@ -160,7 +162,10 @@ def test_real_vibration_source(tmp_path):
         "train.iterations=3", "train.meta_batch=2", "train.progress=false", "algorithm.inner_steps=2",
         "model.hidden=[16]"])
     train(cfg, tmp_path / "run")
-    result = export_bundle(tmp_path / "run", tmp_path / "bundle", max_support=24, log=lambda *_: None)
+    # population_model=False: its pooled model (vibration.yaml's 1000 pretrain iterations) is tested,
+    # on a small budget, in test_population.py
+    result = export_bundle(tmp_path / "run", tmp_path / "bundle", max_support=24, population_model=False,
+                           log=lambda *_: None)
     m = _check_bundle(result.path, "classification")
     assert m["parity"]["task_source"] == "test split" and m["parity"]["argmax_identical"]
     assert m["input_shape"] == [1024] and len(m["class_names"]) == 4 and m["preprocessing"]["kind"] == "spectrum"
