@@ -155,7 +155,12 @@ def run_target(args, target: str, log) -> dict:
         train(cfg, run, source=source)
         trained = load_trained(run)
         inits[name] = (trained.params, trained.inner_lrs, trained.algorithm.inner.steps)
-        budget = budget or meta_budget(cfg, cfg.train.iterations, "regression")
+        if budget is None:
+            # meta_budget counts train.shots as support rows; here a shot is a unit of windows_per_unit windows
+            t = cfg.train
+            rows = t.shots * source.opts.windows_per_unit
+            budget = {**meta_budget(cfg, t.iterations, "regression"), "support_rows": rows,
+                      "sample_gradient_evals": t.iterations * t.meta_batch * (cfg.algorithm.inner_steps * rows + t.query)}
         out.setdefault("meta_seconds", {})[name] = round(time.time() - t0, 1)
         log(f"{target} meta-trained {name} in {out['meta_seconds'][name]} s")
 
@@ -173,6 +178,7 @@ def run_target(args, target: str, log) -> dict:
     pre, info = pretrain(spec, source, iters, base.baselines.pretrain_batch, base.baselines.pretrain_lr, 0,
                          val_score=val_score, patience=10)
     out["pretrain"] = {k: info[k] for k in ("iterations_budget", "iterations_run", "best_iteration", "best_val_score")}
+    out["meta_budget"] = budget
     out["pretrain"]["seconds"] = round(time.time() - t0, 1)
     log(f"{target} pretrained: {out['pretrain']}")
     inits["pretrain"] = (pre, None, None)
@@ -213,7 +219,8 @@ def markdown(results: list[dict], command: str, args) -> str:
         lines += [f"## Target {r['target']} (sources {', '.join(r['sources'])}; {r['test_units']} test units, "
                   f"window {r['window']}, RUL cap {r['rul_cap']:.0f}, test RUL capped: {r['cap_test_rul']})", "",
                   f"Supervised anchor, CNN trained on all {a['train_windows']:,} windows of the target's training units "
-                  f"({a['iterations']} Adam iterations of {a['batch']}): **RMSE {a['rmse']:.2f}, score {a['score']:.0f}**.",
+                  f"({a['iterations']} Adam iterations of {a['batch']}): **RMSE {a['rmse']:.2f}, score {a['score']:.0f}** "
+                  f"(RMSE {a['rmse_vs_capped_truth']:.2f} against the test RUL capped at {r['rul_cap']:.0f}).",
                   "", "| K units | method | inner steps | fine-tune lr | RMSE | NASA score |", "|---|---|---|---|---|---|"]
         for row in r["few_shot"]:
             lr = "learned" if row["lr"] is None and row["method"] == "metasgd" else (row["lr"] or "inner_lr")
