@@ -108,9 +108,10 @@ def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUP
             print(f"meta-export: warning: no population model in this bundle: {why}; the device will use the "
                   "meta-init / adapted model only", file=sys.stderr)
     if source is not None:
-        log(f"training the pooled model ({trained.config.baselines.pretrain_iterations} iterations, "
-            f"batch {trained.config.baselines.pretrain_batch})")
-        pooled_p = population.pooled_params(trained, source)
+        log("training the pooled model (the meta run's compute budget, early-stopped on validation tasks)")
+        pooled_p, pooled_info = population.pooled_with_budget(trained, source)
+        log(f"pooled model: {pooled_info['iterations_run']} of {pooled_info['iterations_budget']} iterations of "
+            f"batch {pooled_info['batch']}, best on validation at iteration {pooled_info['best_iteration']}")
         if pooled:
             trained = population.as_pooled_run(trained, pooled_p)
     try:
@@ -145,7 +146,7 @@ def export_bundle(run, out, *, sign_key=None, max_support: int = DEFAULT_MAX_SUP
                 files.append(pop_file)
             curves = population.expected_errors(fns, fns.init_state() if pooled else pop_state, source, max_support,
                                                 tasks=population_tasks, seed=int(trained.config.seed))
-            predictors = manifest_mod.predictors(pop_file, curves, trained.config.baselines)
+            predictors = manifest_mod.predictors(pop_file, curves, pooled_info)
             log(f"expected {curves['metric']} on {curves['tasks']} validation tasks: population {curves['population']:.4g}, "
                 + ", ".join(f"K={k} {curves['adapted'][k]:.4g}" for k in (0, 1, 5, 10) if k <= max_support))
         manifest = manifest_mod.build(fns, work, max_support=max_support, parity=result.to_manifest(),

@@ -91,13 +91,16 @@ def class_names(fns: Functions) -> list[str] | None:
     return [str(i) for i in range(n)]
 
 
-def predictors(population_file: str, curves: dict, baselines) -> dict:
-    """manifest.predictors (docs/bundle.md): where the population model is and what each predictor's
-    error is expected to be against the number of labels, measured on validation tasks."""
+def predictors(population_file: str, curves: dict, trained: dict) -> dict:
+    """manifest.predictors (docs/bundle.md): where the population model is, how it was trained (the record
+    of meta_train.evaluate.pooled_model) and what each predictor's error is expected to be against the
+    number of labels, measured on validation tasks."""
     return {
         "population": {"file": population_file, "graph": "predict.onnx",
-                       "trained": {"iterations": int(baselines.pretrain_iterations),
-                                   "batch": int(baselines.pretrain_batch), "lr": float(baselines.pretrain_lr)}},
+                       "trained": {"iterations": int(trained["iterations_run"]),
+                                   "iterations_budget": int(trained["iterations_budget"]),
+                                   "best_iteration": int(trained["best_iteration"]),
+                                   "batch": int(trained["batch"]), "lr": float(trained["lr"])}},
         "expected_error": curves,
     }
 

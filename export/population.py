@@ -53,15 +53,20 @@ def unsupported(trained: Trained, source) -> str | None:
 
 
 def pooled_params(trained: Trained, source) -> dict[str, torch.Tensor]:
-    """The pooled (pretrain-on-all-training-tasks) network exactly as eval's fair baseline trains it: the meta
-    run's compute budget (or baselines.pretrain_iterations), early-stopped on the validation tasks."""
-    params, _ = pooled_model(trained, source, trained.config.baselines, trained.config.eval)
+    return pooled_with_budget(trained, source)[0]
+
+
+def pooled_with_budget(trained: Trained, source) -> tuple[dict[str, torch.Tensor], dict]:
+    """The pooled (pretrain-on-all-training-tasks) network exactly as eval's fair baseline trains it (the meta
+    run's compute budget or baselines.pretrain_iterations, early-stopped on the validation tasks), and the
+    record of that training for the manifest."""
+    params, info = pooled_model(trained, source, trained.config.baselines, trained.config.eval)
     if source.kind == "classification":
         params = _fit_global_head(trained, source, params)
     bad = [n for n, p in params.items() if not torch.isfinite(p).all()]
     if bad:
         raise ExportError(f"the pooled model diverged (non-finite {', '.join(bad)}); lower baselines.pretrain_lr")
-    return params
+    return params, info
 
 
 HEAD_STEPS = 300
