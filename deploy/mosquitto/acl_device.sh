@@ -23,6 +23,7 @@ topic write $prefix/status
 
 user $device-out
 topic write $prefix/predictions
+topic write $prefix/alarms
 topic write $prefix/errors
 topic write $prefix/status
 ACL

@@ -195,7 +195,7 @@ def test_device_pubsub_own_topics_over_tls(clients):
     assert not op.subscribe(f"{A_TOPIC}/#")[0].is_failure
     op.publish(f"{A_TOPIC}/samples", b"s1")
     assert _wait_for(lambda: (f"{A_TOPIC}/samples", b"s1") in a.messages)
-    for topic in ("predictions", "errors", "status"):
+    for topic in ("predictions", "alarms", "errors", "status"):
         a_out.publish(f"{A_TOPIC}/{topic}", b"42")
         assert _wait_for(lambda: (f"{A_TOPIC}/{topic}", b"42") in op.messages), topic
     a.publish(f"{A_TOPIC}/status", b"online")
