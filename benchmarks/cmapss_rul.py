@@ -156,11 +156,7 @@ def run_target(args, target: str, log) -> dict:
         trained = load_trained(run)
         inits[name] = (trained.params, trained.inner_lrs, trained.algorithm.inner.steps)
         if budget is None:
-            # meta_budget counts train.shots as support rows; here a shot is a unit of windows_per_unit windows
-            t = cfg.train
-            rows = t.shots * source.opts.windows_per_unit
-            budget = {**meta_budget(cfg, t.iterations, "regression"), "support_rows": rows,
-                      "sample_gradient_evals": t.iterations * t.meta_batch * (cfg.algorithm.inner_steps * rows + t.query)}
+            budget = meta_budget(cfg, cfg.train.iterations, "regression", rows_per_shot=source.rows_per_shot)
         out.setdefault("meta_seconds", {})[name] = round(time.time() - t0, 1)
         log(f"{target} meta-trained {name} in {out['meta_seconds'][name]} s")
 

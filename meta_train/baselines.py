@@ -31,11 +31,13 @@ def scratch_params(spec: dict, seed: int) -> dict[str, torch.Tensor]:
     return init_params(build_model(spec), torch.Generator().manual_seed(seed))
 
 
-def meta_budget(config, iterations: int, kind: str, n_way: int | None = None) -> dict:
-    """The compute of a meta-training run of `iterations` iterations under `config` (see the module doc)."""
+def meta_budget(config, iterations: int, kind: str, n_way: int | None = None, rows_per_shot: int = 1) -> dict:
+    """The compute of a meta-training run of `iterations` iterations under `config` (see the module doc).
+    rows_per_shot: support rows one shot stands for where a shot is not one row (C-MAPSS: a shot is a unit
+    of `windows_per_unit` windows; a source says so with a `rows_per_shot` attribute)."""
     t, steps = config.train, config.algorithm.inner_steps
     per = int(n_way) if kind == "classification" else 1
-    support, query = t.shots * per, t.query * per
+    support, query = t.shots * per * int(rows_per_shot), t.query * per
     return {"iterations": int(iterations), "meta_batch": t.meta_batch, "inner_steps": steps,
             "support_rows": support, "query_rows": query,
             "task_gradient_evals": int(iterations) * t.meta_batch * (steps + 1),

@@ -134,7 +134,8 @@ def verdict(per_task: dict[str, dict], kind: str, k: str) -> dict:
 
 
 def plan(cfg: Config, source, splits: list[dict]) -> dict:
-    budget = meta_budget(cfg, cfg.train.iterations, source.kind, source.model_spec_defaults()["out_features"])
+    budget = meta_budget(cfg, cfg.train.iterations, source.kind, source.model_spec_defaults()["out_features"],
+                         getattr(source, "rows_per_shot", 1))
     pooled = cfg.baselines.pretrain_iterations or matched_iterations(budget, cfg.baselines.pretrain_batch)
     held = sum(len(s["test"]) for s in splits)
     return {"folds": len(splits), "meta_iterations_per_fold": cfg.train.iterations,

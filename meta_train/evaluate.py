@@ -126,7 +126,8 @@ def pooled_model(trained: Trained, source, baselines: BaselineConfig, ecfg: Eval
     Trained for the meta run's budget (or baselines.pretrain_iterations), early-stopped on validation tasks
     when the source has any. The network does not depend on the fine-tune rate: callers sweeping settings pass
     a cache."""
-    budget = meta_budget(trained.config, trained.iteration, source.kind, trained.spec.get("out_features"))
+    budget = meta_budget(trained.config, trained.iteration, source.kind, trained.spec.get("out_features"),
+                         getattr(source, "rows_per_shot", 1))
     matched = matched_iterations(budget, baselines.pretrain_batch)
     iterations = baselines.pretrain_iterations if baselines.pretrain_iterations is not None else matched
     key = (iterations, baselines.pretrain_batch, baselines.pretrain_lr, baselines.pretrain_patience,
@@ -155,7 +156,7 @@ def pooled_model(trained: Trained, source, baselines: BaselineConfig, ecfg: Eval
 def _initialisations(trained: Trained, source, baselines: BaselineConfig, ecfg: EvalConfig, which: list[str],
                      pretrain_cache: dict | None) -> tuple[dict, dict]:
     inits, budgets = {}, {"meta": meta_budget(trained.config, trained.iteration, source.kind,
-                                              trained.spec.get("out_features"))}
+                                              trained.spec.get("out_features"), getattr(source, "rows_per_shot", 1))}
     if "meta" in which:
         inits["meta"] = trained.params
     if "scratch" in which:

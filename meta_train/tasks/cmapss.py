@@ -255,6 +255,11 @@ class CMAPSSSource:
                 "input_transform": {"kind": "none"},
                 "target_transform": {"kind": "affine", "center": 0.0, "scale": float(o.rul_cap)}}
 
+    @property
+    def rows_per_shot(self) -> int:
+        """A shot is one run-to-failure unit: `windows_per_unit` support windows (the fair baselines' budget)."""
+        return self.opts.windows_per_unit
+
     def describe(self) -> dict:
         o = self.opts
         return {"name": "cmapss", "kind": self.kind, "feature_names": [f"sensor_{s}" for s in o.sensors],
