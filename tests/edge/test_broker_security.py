@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:  # `tests.support` without relying on how pytest w
 mqtt = pytest.importorskip("paho.mqtt.client")
 from tests.support.certs import make_tls_files  # noqa: E402
 from tests.support.mosquitto import find_mosquitto, start_mosquitto, write_password_file  # noqa: E402
+from conftest import write_config  # at import time: at run time 'conftest' may be another folder's
 
 try:
     find_mosquitto()
@@ -385,7 +386,6 @@ def test_helper_restart_keeps_port_and_sessions(tmp_path):
 def test_agent_runs_under_the_shipped_acl(broker, tls, tmp_path, bundle, agent_factory):
     """Least privilege must still let the real agent work: both connections, will, status,
     predictions, errors; and an operator command reaches it."""
-    from conftest import write_config
     from edge_agent.simulator import LineClient
 
     pw = tmp_path / "mqtt_password"

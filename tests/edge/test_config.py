@@ -13,6 +13,7 @@ import yaml
 
 from edge_agent.config import config_from_dict, load_config
 from edge_agent.errors import ConfigError
+from conftest import write_config  # at import time: at run time 'conftest' may be another folder's
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -194,7 +195,6 @@ def test_cli_config_error_has_no_secret(tmp_path, yaml_text):
 
 
 def test_refused_reload_publishes_no_secret(tmp_path, broker, bundle, line, agent_factory):
-    from conftest import write_config
 
     cfg = write_config(tmp_path, broker, bundle)
     agent = agent_factory(cfg).start(line)
@@ -300,7 +300,6 @@ def test_credentials_directory_paths(open_dir, bundle, tmp_path):
 
 
 def test_agent_reads_its_password_from_the_credentials_directory(tmp_path, bundle, agent_factory):
-    from conftest import write_config
     from edge_agent.simulator import LineClient
     from tests.support.mosquitto import start_mosquitto, write_password_file
 

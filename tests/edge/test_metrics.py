@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.metrics import Metrics
+from conftest import write_config  # at import time: at run time 'conftest' may be another folder's
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,7 +144,6 @@ def test_context_labels_are_bounded():
 
 
 def test_agent_serves_the_new_metrics(tmp_path, broker, bundle, line, agent_factory):
-    from conftest import write_config
     from tests.support.mosquitto import free_port
 
     port = free_port()
