@@ -17,10 +17,14 @@ from export_helpers import REPO
 from edge_agent.calibration import Calibration, apply_temperature
 
 MAX_SUPPORT = 10
-TEST_TASKS, TEST_QUERY = 120, 30  # 3600 held-out parts per K: coverage's standard error ~0.5 points
+TEST_TASKS, TEST_QUERY = 300, 30  # 9000 held-out parts per K on 300 machines
+VAL_TASKS = 400  # the exporter's validation machines: 200 fit T, 200 give the conformal quantiles
+# Coverage tolerance: parts of one machine share its adapted model, so coverage varies by machine; with
+# a few hundred machines on each side (calibration, check) the sampling error is ~1.5 points.
+TOLERANCE = 0.04
 
 
-pytestmark = pytest.mark.slow  # one small vibration run + export (minutes on 2 cores), shared by the module
+pytestmark = pytest.mark.slow  # one small vibration run + export (~30 s on 2 cores), shared by the module
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,7 @@ def vib_export(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("calib")
     train(load_config(str(REPO / "configs" / "vibration.yaml"),
-                      ["train.iterations=30", "train.meta_batch=4", "train.progress=false", "train.checkpoint_every=0",
+                      ["train.iterations=5", "algorithm.inner_steps=2", "train.meta_batch=4", "train.progress=false", "train.checkpoint_every=0",
                        "model.hidden=[32]", "baselines.pretrain_iterations=60", "baselines.pretrain_batch=64"]),
           base / "run")
     splits = []
@@ -44,7 +48,8 @@ def vib_export(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(population, "global_label_tasks", spy)
     try:
-        r = export_bundle(base / "run", base / "bundle", max_support=MAX_SUPPORT, parity_tasks=2, log=lambda *_: None)
+        r = export_bundle(base / "run", base / "bundle", max_support=MAX_SUPPORT, parity_tasks=2,
+                          population_tasks=VAL_TASKS, log=lambda *_: None)
     finally:
         mp.undo()
     return r, base / "run", splits
@@ -81,7 +86,7 @@ def test_temperatures_fitted_on_validation_only(vib_export):
     r, _, splits = vib_export
     cal = r.manifest["predictors"]["expected_error"]["calibration"]
     assert splits and set(splits) == {"val"}, splits  # no test (or train) machine reached the fit
-    assert cal["fit"]["split"] == "val" and cal["fit"]["temperature_tasks"] + cal["fit"]["conformal_tasks"] == 200
+    assert cal["fit"]["split"] == "val" and cal["fit"]["temperature_tasks"] + cal["fit"]["conformal_tasks"] == VAL_TASKS
     assert len(cal["temperature"]["adapted"]) == MAX_SUPPORT + 1 and cal["temperature"]["population"] > 0
     assert len(cal["score_quantiles"]["adapted"]) == MAX_SUPPORT + 1
 
@@ -103,7 +108,7 @@ def test_calibration_improves_ece_and_sets_cover_on_held_out_machines(vib_export
             sets = [cal.prediction_set(source, k or 0, p, coverage) for p in calibrated]
             covered = np.mean([t in s for t, s in zip(qy, sets)])
             size = np.mean([len(s) for s in sets])
-            assert abs(covered - coverage) <= 0.03 or (covered > coverage and size <= 1.05), \
+            assert abs(covered - coverage) <= TOLERANCE or (covered > coverage and size <= 1.05), \
                 (source, k, coverage, covered, size)
             print(f"{source} K={k} coverage {coverage}: covered {covered:.3f}, mean set size {size:.2f}")
             if source == "population":  # the best tiny predictor: informative sets, not all 4 classes
