@@ -538,6 +538,7 @@ class Agent(ModelLifecycle):
             # A labelled sample is a group of one (its label must not reach its own prediction).
             x = group[0].sample.x[None] if len(group) == 1 else np.array([p.sample.x for p in group])
             y = self.model.predict(state, x)
+            y = self.extras.calibrate(self.model, source, n_support, y)  # classification: temperature per K
         except Exception as e:  # noqa: BLE001 - a model failure is reported per sample, not fatal
             log.exception("prediction failed")
             for p in group:

@@ -16,7 +16,7 @@ class Spec:
 
 @dataclass
 class Predictions:
-    coverage: float = 0.9  # regression intervals hold the measured value for this share of parts
+    coverage: float = 0.9  # regression intervals hold the measured value, classification sets the true class, for this share of parts
     aci_gamma: float = 0.005  # adaptive conformal inference step: how fast a context's intervals react
     spec: Optional[Spec] = None  # the target's spec limits; None: no p_out_of_spec, no alarms
     alarm_threshold: float = 0.5  # publish on `alarms` when p_out_of_spec reaches this

@@ -1,8 +1,8 @@
 """What a prediction carries beyond the value, for a quality engineer: its interval, the probability
 that the part is out of spec, and an alarm when that probability reaches the configured threshold
-(issue 13 parts 2-3). The worker calls `fields` per prediction, `observe` per label and publishes
-`take_alarms()` after its durable commit; the maths lives in intervals.py. Regression only
-(classification has neither yet)."""
+(issue 13 parts 2-3); for classification, calibrated probabilities and a prediction set. The worker
+calls `calibrate` on the graph's output, `fields` per prediction, `observe` per label and publishes
+`take_alarms()` after its durable commit; the maths lives in intervals.py and calibration.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import collections
 import json
 import math
 import time
+
+import numpy as np
 
 from .intervals import Intervals
 from .prediction_config import Predictions
@@ -33,10 +35,30 @@ class Extras:
         self.alarms.clear()
         return out
 
-    def fields(self, model, ctx: str, sid: str, source: str, k: int, y_hat: float) -> str:
+    @staticmethod
+    def _calibration(model):
+        return getattr(getattr(model, "predictors", None), "calibration", None)
+
+    def calibrate(self, model, source: str, k: int, y):
+        """The graph's class probabilities [N, C] with the bundle's temperature for this predictor and K
+        (unchanged for regression or a bundle without calibration)."""
+        cal = self._calibration(model)
+        if model.task_kind != "classification" or cal is None:
+            return y
+        return cal.probabilities(source, 0 if source == "meta_init" else k, y)
+
+    def _set(self, model, source: str, k: int, probs) -> str:
+        cal = self._calibration(model)
+        if cal is None or not np.all(np.isfinite(probs)):
+            return ""
+        members = cal.prediction_set(source, k, np.asarray(probs, float), self.cfg.coverage)
+        names = model.class_names
+        return f',"prediction_set":{json.dumps([names[i] for i in members])},"coverage":{self.cfg.coverage}'
+
+    def fields(self, model, ctx: str, sid: str, source: str, k: int, y_hat) -> str:
         """A JSON fragment (leading comma) to append to the prediction; '' when there is nothing to add."""
         if model.task_kind != "regression":
-            return ""
+            return self._set(model, source, 0 if source == "meta_init" else k, y_hat)
         k = 0 if source == "meta_init" else k
         y_hat = float(y_hat)
         iv = self.intervals.interval(model, ctx, sid, source, k, y_hat)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
+from .calibration import Calibration
 from .intervals import Quantiles
 
 POPULATION, ADAPTED, META_INIT = "population", "adapted", "meta_init"
@@ -26,12 +27,14 @@ POPULATION, ADAPTED, META_INIT = "population", "adapted", "meta_init"
 
 class Predictors:
     def __init__(self, population_state: np.ndarray | None, population_error: float | None,
-                 adapted_error: list[float] | None, population_is_init: bool = False, quantiles=None):
+                 adapted_error: list[float] | None, population_is_init: bool = False, quantiles=None,
+                 calibration=None):
         self.population_state = population_state
         self.population_error = population_error
         self.adapted_error = adapted_error  # index K = labels adapted on (0 = bare init)
         self.population_is_init = population_is_init
         self.quantiles = quantiles  # intervals.Quantiles: |residual| per predictor and K, or None
+        self.calibration = calibration  # calibration.Calibration (classification), or None
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, manifest: dict, init_state: np.ndarray) -> "Predictors":
@@ -51,17 +54,22 @@ class Predictors:
             quantiles = Quantiles.from_manifest(manifest)
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"manifest predictors.expected_error.abs_residual_quantiles: malformed ({e})") from None
+        try:
+            calibration = Calibration.from_manifest(manifest)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest predictors.expected_error.calibration: malformed ({e})") from None
         if name not in manifest.get("files", {}):
             raise BundleError(f"manifest predictors.population.file {name!r} is not a listed (hashed) bundle file")
         if name == "init_state.npy":
-            return cls(init_state, pop_err, adapted, population_is_init=True, quantiles=quantiles)
+            return cls(init_state, pop_err, adapted, population_is_init=True, quantiles=quantiles,
+                       calibration=calibration)
         try:
             state = np.load(Path(bundle_dir) / name, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise BundleError(f"{name}: cannot load: {e}") from e
         if state.dtype != np.float32 or state.shape != init_state.shape:
             raise BundleError(f"{name} is {state.dtype}{list(state.shape)}, expected float32{list(init_state.shape)}")
-        return cls(state, pop_err, adapted, quantiles=quantiles)
+        return cls(state, pop_err, adapted, quantiles=quantiles, calibration=calibration)
 
     @property
     def has_population(self) -> bool:

@@ -11,7 +11,8 @@ graph, the same output units, by construction.
     (K = 0: the bare initialisation),
 on the same tasks and the same query samples, so the device's choice between them compares like with like.
 With them, the quantiles of each predictor's absolute residual per K: the device's prediction intervals
-before a line has its own evidence (docs/bundle.md, "predictors").
+before a line has its own evidence (docs/bundle.md, "predictors"); for classification instead, each
+predictor's temperature and conformal score quantiles per K (export/calibration.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from meta_train.inner import init_inner_lrs, loss_value
 from meta_train.tasks import build_source
 from meta_train.trained import Trained
 
+from . import calibration
 from .errors import ExportError
 
 VAL_TASKS = 200
@@ -149,12 +151,12 @@ def expected_errors(fns, population_state: torch.Tensor | None, source, max_supp
 
     levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64)
 
-    def err(states: torch.Tensor) -> tuple[torch.Tensor, list[float] | None]:
+    def err(states: torch.Tensor) -> tuple[torch.Tensor, list[float] | dict | None]:
         """[T, P] states -> per-task query MSE (classification: error rate) [T], and quantiles of
-        |residual| over all query samples (regression)."""
+        |residual| over all query samples (regression; classification: its calibration record)."""
         out = vmap(fns.predict)(states, qx)
         if classification:
-            return (out.argmax(-1) != qy).double().mean(-1), None
+            return (out.argmax(-1) != qy).double().mean(-1), calibration.calibrate(out.numpy(), qy.numpy(), QUANTILE_LEVELS)
         res = (out - qy).abs().reshape(-1).double()
         return vmap(lambda o, y: loss_value(o, y, "mse"))(out, qy), [round(float(v), 6) for v in torch.quantile(res, levels)]
 
@@ -175,11 +177,14 @@ def expected_errors(fns, population_state: torch.Tensor | None, source, max_supp
               "k": list(range(max_support + 1)), "adapted": adapted_mean, "adapted_ci95": adapted_ci}
     if not classification:
         result["abs_residual_quantiles"] = {"levels": list(QUANTILE_LEVELS), "adapted": adapted_q}
+    pop_q = None
     if population_state is not None:
-        per_task, q = err(population_state.expand(tasks, -1))
+        per_task, pop_q = err(population_state.expand(tasks, -1))
         result["population"], result["population_ci95"] = _mean_ci(per_task)
         if not classification:
-            result["abs_residual_quantiles"]["population"] = q
+            result["abs_residual_quantiles"]["population"] = pop_q
+    if classification:
+        result["calibration"] = calibration.manifest_section(adapted_q, pop_q, QUANTILE_LEVELS, tasks, query)
     bad = [v for v in adapted_mean + [result.get("population", 0.0)] if not math.isfinite(v)]
     if bad:
         raise ExportError("a predictor's validation error is not finite (the inner loop diverges on validation "
