@@ -47,7 +47,12 @@ def test_trainer_runs_unchanged_under_torchrun(tmp_path):
 
 
 def test_a_non_finite_average_stops_every_rank_alike(tmp_path):
-    """The glitch row is in one rank's shard; the averaged meta-gradient is NaN on both, and both stop."""
+    """The glitch row is in one rank's shard; the averaged meta-gradient is NaN on both, and both stop.
+
+    Each rank that gets to report names the same iteration. Not every rank always gets to: once the first
+    worker exits (code 5), torchrun tears the others down, and on a busy machine that can come before the
+    slower rank has printed (seen once in a fresh-clone CI run). So: every report agrees on the iteration,
+    the run exits with code 5, and the kept checkpoint is finite."""
     sys.path.insert(0, str(REPO / "tests" / "tasks"))
     from spiky_table import write_spiky_csv
 
@@ -62,7 +67,7 @@ def test_a_non_finite_average_stops_every_rank_alike(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert out.returncode != 0
     errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "meta-train: error: non-finite" in ln]
-    assert len(errors) == 2 and len({ln.split(" at iteration ")[1].split(":")[0] for ln in errors}) == 1, errors
+    assert 1 <= len(errors) <= 2 and len({ln.split(" at iteration ")[1].split(":")[0] for ln in errors}) == 1, errors
     assert "exitcode  : 5" in out.stdout + out.stderr  # torchrun's report of the ranks' exit code
     kept = checkpoint.load(tmp_path / "ddp")
     assert all(bool(torch.isfinite(p).all()) for p in kept["params"].values())
