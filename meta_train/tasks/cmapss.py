@@ -40,7 +40,7 @@ import torch
 from ..config import from_dict
 from ..errors import ConfigError, DataError
 from . import TaskBatch
-from .common import check_split
+from .common import check_split, shared_data_dir
 
 SUBSETS = ("FD001", "FD002", "FD003", "FD004")
 DEFAULT_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
@@ -71,8 +71,7 @@ class CMAPSSOptions:
 
 def default_data_dir() -> str | None:
     """The repo-relative ../shared/data/cmapss when it exists (tests and benchmarks)."""
-    here = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cmapss"
-    return str(here.resolve()) if here.exists() else None
+    return shared_data_dir("cmapss")
 
 
 def read_table(path: Path) -> np.ndarray:

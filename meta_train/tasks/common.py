@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -36,3 +39,12 @@ def task_uniforms(seed: int, ids, n: int) -> torch.Tensor:
             x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             x = x ^ (x >> np.uint64(31))
         return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)))
+
+
+def shared_data_dir(name: str, env: str | None = None) -> str | None:
+    """$env when set, else the repo-relative ../shared/data/<name> when it exists (tests and benchmarks);
+    a task's config always names its data directory itself."""
+    if env and os.environ.get(env):
+        return os.environ[env]
+    here = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / name
+    return str(here.resolve()) if here.exists() else None

@@ -28,7 +28,6 @@ load; read as 12 kHz they sit 4x lower. See docs/tasks.md.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 from ..config import from_dict
 from ..errors import ConfigError, DataError
 from . import TaskBatch
-from .common import check_split
+from .common import check_split, shared_data_dir
 
 FAULTS = ["IR007", "IR014", "IR021", "OR007", "OR014", "OR021", "B007", "B014", "B021"]
 LOADS = (0, 1, 2, 3)
@@ -60,11 +59,7 @@ class CWRUOptions:
 
 def default_data_dir() -> str | None:
     """$CWRU_DATA, else the repo-relative ../shared/data/cwru when it exists (tests and benchmarks)."""
-    env = os.environ.get("CWRU_DATA")
-    if env:
-        return env
-    here = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cwru"
-    return str(here.resolve()) if here.exists() else None
+    return shared_data_dir("cwru", "CWRU_DATA")
 
 
 def _read_column(path: Path) -> np.ndarray:
